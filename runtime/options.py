@@ -1,0 +1,139 @@
+"""Generation options: transformers' GenerationConfig names and defaults, checked up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidInputError
+
+EARLY_STOPPING_VALUES = (True, False, "never")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate. Names and defaults follow transformers' GenerationConfig.
+
+    eos_token_id / pad_token_id of None take the bundle's values (GPT-2: pad = eos = 50256).
+    top_k applies only when sampling (as in transformers); top_k=0 disables it.
+    """
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    output_scores: bool = False
+    top_logprobs: int = 0
+
+    @classmethod
+    def create(cls, base: Mapping[str, Any] | None = None, **overrides: Any) -> GenerationOptions:
+        """Build options from defaults (e.g. the bundle's), overridden by keyword arguments; then validate."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise InvalidInputError(f"unknown generation option(s): {', '.join(unknown)}")
+        values = {key: value for key, value in (base or {}).items() if key in names}
+        values.update({key: value for key, value in overrides.items() if value is not None or key in ("min_p",)})
+        if isinstance(values.get("stop"), str):
+            values["stop"] = (values["stop"],)
+        if values.get("stop") is not None:
+            values["stop"] = tuple(values["stop"])
+        if values.get("bad_words_ids") is not None:
+            values["bad_words_ids"] = tuple(tuple(words) for words in values["bad_words_ids"])
+        if isinstance(values.get("eos_token_id"), Sequence):
+            values["eos_token_id"] = tuple(values["eos_token_id"])
+        options = cls(**values)
+        options.validate()
+        return options
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidInputError naming the first option that is out of range."""
+        _int(self.max_new_tokens, "max_new_tokens", 1)
+        _int(self.min_new_tokens, "min_new_tokens", 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise InvalidInputError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+            )
+        _bool(self.do_sample, "do_sample")
+        _bool(self.output_scores, "output_scores")
+        _float(self.temperature, "temperature", low=0.0, low_open=True)
+        _int(self.top_k, "top_k", 0)
+        _float(self.top_p, "top_p", low=0.0, high=1.0, low_open=True)
+        if self.min_p is not None:
+            _float(self.min_p, "min_p", low=0.0, high=1.0)
+        _float(self.typical_p, "typical_p", low=0.0, high=1.0, low_open=True)
+        _float(self.repetition_penalty, "repetition_penalty", low=0.0, low_open=True)
+        _int(self.no_repeat_ngram_size, "no_repeat_ngram_size", 0)
+        _int(self.num_beams, "num_beams", 1)
+        _float(self.length_penalty, "length_penalty")
+        if not any(self.early_stopping is value for value in EARLY_STOPPING_VALUES):
+            raise InvalidInputError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        _int(self.num_return_sequences, "num_return_sequences", 1)
+        if self.num_return_sequences > self.num_beams and not self.do_sample:
+            raise InvalidInputError(
+                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams}) "
+                "unless sampling"
+            )
+        if self.seed is not None:
+            _int(self.seed, "seed", 0)
+        _int(self.top_logprobs, "top_logprobs", 0)
+        for text in self.stop:
+            if not isinstance(text, str) or not text:
+                raise InvalidInputError(f"stop strings must be non-empty strings, got {text!r}")
+        token_ids = [*self.eos_token_ids, *([] if self.pad_token_id is None else [self.pad_token_id])]
+        for words in self.bad_words_ids or ():
+            if not words:
+                raise InvalidInputError("bad_words_ids must not contain an empty sequence")
+            token_ids.extend(words)
+        for token in token_ids:
+            _int(token, "token id", 0)
+            if vocab_size is not None and token >= vocab_size:
+                raise InvalidInputError(f"token id {token} is outside the vocabulary (0..{vocab_size - 1})")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+
+def _int(value: Any, name: str, low: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise InvalidInputError(f"{name} must be >= {low}, got {value}")
+
+
+def _bool(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+
+
+def _float(
+    value: Any, name: str, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise InvalidInputError(f"{name} must be {bound}" + (f" and <= {high}" if high is not None else "") + f", got {value}")
+    if high is not None and value > high:
+        raise InvalidInputError(f"{name} must be <= {high}, got {value}")
