@@ -1,8 +1,8 @@
 """gpt2onnx: run GPT-2 from an ONNX bundle with onnxruntime, numpy and tokenizers; no PyTorch at run time.
 
-    import gpt2onnx
-    model = gpt2onnx.load("models/gpt2")
-    print(model.generate("Artificial intelligence", max_new_tokens=20).text)
+import gpt2onnx
+model = gpt2onnx.load("models/gpt2")
+print(model.generate("Artificial intelligence", max_new_tokens=20).text)
 """
 
 from gpt2onnx.runtime import BundleError, GenerationOptions, GPT2OnnxError, InvalidInputError, ProviderError

@@ -4,7 +4,7 @@ One graph serves the prompt (empty past) and every decode step. Inputs: input_id
 attention_mask [batch, past+seq], position_ids [batch, seq], logits_to_keep (scalar: how many last positions
 get logits; 0 = all), past_key_values.{i}.key|value [batch, n_head, past, head_dim]. Outputs: logits
 [batch, kept, vocab] (float32) and present.{i}.key|value [batch, n_head, past+seq, head_dim].
-The tied token embedding is stored once: Gather reads it for the input, Gemm(transB) for the logits.
+The tied token embedding is stored once (an untied lm_head gets its own weight): Gather reads it for the input, Gemm(transB) for the logits.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError
 
@@ -35,6 +34,7 @@ class GPT2Spec:
     layer_norm_epsilon: float = 1e-5
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
+    tied_embeddings: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -121,7 +121,9 @@ def build_graph(spec: GPT2Spec, weights: dict[str, np.ndarray], dtype: str = "fl
     query_pos = b.op("Range", past_scalar, b.op("Add", past_scalar, b.op("Squeeze", seq_len, scalar_axes)), one)
     key_pos = b.op("Range", zero, b.op("Squeeze", total_len, scalar_axes), one)
     causal = b.op(
-        "LessOrEqual", b.op("Unsqueeze", key_pos, b.const([0], int64)), b.op("Unsqueeze", query_pos, b.const([1], int64))
+        "LessOrEqual",
+        b.op("Unsqueeze", key_pos, b.const([0], int64)),
+        b.op("Unsqueeze", query_pos, b.const([1], int64)),
     )
     padding = b.op("Unsqueeze", b.op("Cast", bundle.ATTENTION_MASK, to=TensorProto.BOOL), b.const([1, 2], int64))
     allowed = b.op("And", padding, causal)  # [batch, 1, S, T]
@@ -144,7 +146,9 @@ def build_graph(spec: GPT2Spec, weights: dict[str, np.ndarray], dtype: str = "fl
         q, k, v = (b.op("Transpose", b.op("Reshape", t, heads_shape), perm=[0, 2, 1, 3]) for t in (q, k, v))
         key = b.op("Concat", bundle.past_key_name(layer), k, outputs=[bundle.present_key_name(layer)], axis=2)
         value = b.op("Concat", bundle.past_value_name(layer), v, outputs=[bundle.present_value_name(layer)], axis=2)
-        scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", key, perm=[0, 1, 3, 2])), b.const(spec.attention_scale(layer)))
+        scores = b.op(
+            "Mul", b.op("MatMul", q, b.op("Transpose", key, perm=[0, 1, 3, 2])), b.const(spec.attention_scale(layer))
+        )
         probs = b.op("Softmax", b.op("Where", allowed, scores, masked_value), axis=-1)
         context = b.op("Reshape", b.op("Transpose", b.op("MatMul", probs, value), perm=[0, 2, 1, 3]), merged_shape)
         hidden = b.op("Add", hidden, b.linear(context, w(p + "attn.c_proj.weight"), w(p + "attn.c_proj.bias")))
@@ -162,7 +166,8 @@ def build_graph(spec: GPT2Spec, weights: dict[str, np.ndarray], dtype: str = "fl
     # Keep only the last `logits_to_keep` positions (0 keeps all) before the vocabulary projection.
     start = b.op("Unsqueeze", b.op("Neg", bundle.LOGITS_TO_KEEP), scalar_axes)
     kept = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max], int64), b.const([1], int64))
-    flat_logits = b.op("Gemm", b.op("Reshape", kept, b.const([-1, E], int64)), wte, transB=1)
+    lm_head = wte if spec.tied_embeddings else w("lm_head.weight")
+    flat_logits = b.op("Gemm", b.op("Reshape", kept, b.const([-1, E], int64)), lm_head, transB=1)
     logits_shape = b.op("Concat", b.op("Shape", kept, start=0, end=2), b.const([spec.vocab_size], int64), axis=0)
     logits = b.op("Reshape", flat_logits, logits_shape)
     if dtype == "float32":

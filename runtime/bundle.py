@@ -115,7 +115,7 @@ def _require(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], f
     if key not in mapping:
         raise _fail(folder, f"{MANIFEST_FILE} lacks '{where}{key}'")
     value = mapping[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise _fail(folder, f"{MANIFEST_FILE} has a bad value for '{where}{key}': {value!r}")
     return value
 

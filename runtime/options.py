@@ -127,13 +127,13 @@ def _bool(value: Any, name: str) -> None:
         raise InvalidInputError(f"{name} must be True or False, got {value!r}")
 
 
-def _float(
-    value: Any, name: str, low: float | None = None, high: float | None = None, low_open: bool = False
-) -> None:
+def _float(value: Any, name: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"
-        raise InvalidInputError(f"{name} must be {bound}" + (f" and <= {high}" if high is not None else "") + f", got {value}")
+        raise InvalidInputError(
+            f"{name} must be {bound}" + (f" and <= {high}" if high is not None else "") + f", got {value}"
+        )
     if high is not None and value > high:
         raise InvalidInputError(f"{name} must be <= {high}, got {value}")

@@ -1,0 +1,186 @@
+"""Loading a GPT-2 checkpoint (hub id, local folder, or seeded random weights) with transformers."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gpt2onnx.runtime.errors import ExportError
+
+from .graph import ACTIVATIONS, GPT2Spec
+
+VOCAB_SIZE = 50257
+CONTEXT = 1024
+RANDOM_SHAPES = {
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64},
+    "small": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+    "medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+}
+# Generation options a checkpoint's generation_config may set that gpt2onnx honours as defaults.
+GENERATION_DEFAULT_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "max_new_tokens",
+    "min_new_tokens",
+)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded PyTorch GPT-2 with what the bundle records about it."""
+
+    model: Any  # transformers.GPT2LMHeadModel, in eval mode, float32
+    spec: GPT2Spec
+    source: dict[str, Any]
+    special_tokens: dict[str, int | None]
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The state dict as float32 numpy arrays (the tied lm_head is left out when it is the embedding)."""
+        state = self.model.state_dict()
+        arrays = {name: tensor.detach().float().cpu().numpy() for name, tensor in state.items()}
+        if self.spec.tied_embeddings:
+            arrays.pop("lm_head.weight", None)
+        return arrays
+
+
+def spec_from_config(config: Any) -> GPT2Spec:
+    if getattr(config, "model_type", None) != "gpt2":
+        kind = getattr(config, "model_type", None) or "unknown"
+        names = ", ".join(getattr(config, "architectures", None) or []) or kind
+        raise ExportError(f"not a GPT-2 checkpoint: model type {kind!r} ({names}); export-gpt2 converts GPT-2 only")
+    activation = config.activation_function
+    if activation not in ACTIVATIONS:
+        raise ExportError(f"unsupported activation function {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    if config.n_inner not in (None, 4 * config.n_embd):
+        raise ExportError(f"unsupported n_inner {config.n_inner}; export-gpt2 supports the standard 4 * n_embd")
+    return GPT2Spec(
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        vocab_size=config.vocab_size,
+        n_positions=config.n_positions,
+        activation=activation,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        scale_attn_weights=config.scale_attn_weights,
+        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
+        tied_embeddings=getattr(config, "tie_word_embeddings", True),
+    )
+
+
+def _special_tokens(config: Any, generation_config: Any) -> dict[str, int | None]:
+    def first(value: Any) -> int | None:
+        return value[0] if isinstance(value, (list, tuple)) and value else value if isinstance(value, int) else None
+
+    sources = [generation_config, config] if generation_config is not None else [config]
+
+    def pick(name: str) -> int | None:
+        for source in sources:
+            value = first(getattr(source, name, None))
+            if value is not None:
+                return value
+        return None
+
+    return {
+        "bos_token_id": pick("bos_token_id"),
+        "eos_token_id": pick("eos_token_id"),
+        "pad_token_id": pick("pad_token_id"),
+    }
+
+
+def _generation_defaults(generation_config: Any) -> dict[str, Any]:
+    if generation_config is None:
+        return {}
+    diff = generation_config.to_diff_dict()
+    return {key: diff[key] for key in GENERATION_DEFAULT_KEYS if key in diff and diff[key] is not None}
+
+
+def load_pretrained(model_id: str, revision: str | None = None) -> Checkpoint:
+    """Load a GPT2LMHeadModel from a hub id or local folder; never runs code shipped with the checkpoint."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig, GPT2LMHeadModel
+
+    local = Path(model_id).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ExportError(f"--model {model_id} is a file; give a checkpoint folder or a hub id")
+    if not local.exists() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
+        raise ExportError(f"checkpoint folder not found: {model_id}")
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+    except ValueError as error:
+        raise ExportError(f"cannot read the config of {model_id}: {str(error).splitlines()[0]}") from None
+    except OSError as error:
+        raise ExportError(f"cannot load {model_id}: {str(error).splitlines()[0]}") from None
+    spec = spec_from_config(config)
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_id, revision=revision)
+    except OSError:
+        generation_config = None
+    try:
+        model = GPT2LMHeadModel.from_pretrained(
+            model_id, revision=revision, dtype=torch.float32, trust_remote_code=False
+        )
+    except OSError as error:
+        raise ExportError(f"cannot load the weights of {model_id}: {str(error).splitlines()[0]}") from None
+    model.eval()
+    commit = getattr(config, "_commit_hash", None)
+    source = {
+        "model": model_id if not local.is_dir() else str(local.resolve()),
+        "revision": revision or commit,
+        "random_init": None,
+    }
+    return Checkpoint(
+        model, spec, source, _special_tokens(config, generation_config), _generation_defaults(generation_config)
+    )
+
+
+def random_checkpoint(shape: str, seed: int = 0) -> Checkpoint:
+    """A GPT-2 of a named shape with seeded random weights (transformers' own initialisation)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if shape not in RANDOM_SHAPES:
+        raise ExportError(f"unknown --random-init shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=CONTEXT, **RANDOM_SHAPES[shape])
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    source = {"model": f"random-init:{shape}", "revision": None, "random_init": {"shape": shape, "seed": seed}}
+    specials = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": None}
+    return Checkpoint(model, spec_from_config(config), source, specials)
+
+
+def tokenizer_json(source: str, revision: str | None, work_dir: Path) -> Path | None:
+    """A tokenizer.json for a checkpoint or tokenizer folder/hub id: copied if present, else converted.
+
+    Returns None when the source has no tokenizer at all.
+    """
+    folder = Path(source).expanduser()
+    if folder.is_dir() and (folder / "tokenizer.json").is_file():
+        target = work_dir / "tokenizer.source.json"
+        shutil.copyfile(folder / "tokenizer.json", target)
+        return target
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"the tokenizer of {source} has no fast (tokenizers) form to save as tokenizer.json")
+    with tempfile.TemporaryDirectory(dir=work_dir) as temp:
+        tokenizer.save_pretrained(temp)
+        target = work_dir / "tokenizer.source.json"
+        shutil.copyfile(Path(temp) / "tokenizer.json", target)
+    return target

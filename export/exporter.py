@@ -1,0 +1,203 @@
+"""export_bundle(): checkpoint -> verified bundle folder, written aside and moved into place only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gpt2onnx.runtime import bundle
+from gpt2onnx.runtime.errors import ExportError
+
+from .checkpoint import Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
+from .graph import OPSET, build_graph
+from .validate import validate_bundle
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf stops at 2 GiB)
+DTYPES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
+
+
+class Progress:
+    """Prints each slow step and its duration to stderr ('export-gpt2: loading gpt2 ... 3.1 s')."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        if self.enabled:
+            print(f"export-gpt2: {what} ...", end="", file=sys.stderr, flush=True)
+        try:
+            yield
+        except BaseException:
+            if self.enabled:
+                print(" failed", file=sys.stderr, flush=True)
+            raise
+        if self.enabled:
+            print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def default_output(model: str, random_init: str | None) -> Path:
+    name = f"random-{random_init}" if random_init else Path(model.rstrip("/")).name
+    return Path("models") / name
+
+
+def _tool_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for name in ("gpt2-onnx", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tokenizers"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _save_graph(model_proto: Any, folder: Path, weight_bytes: int) -> str | None:
+    import onnx
+
+    path = folder / bundle.MODEL_FILE
+    if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model_proto, str(path))
+        return None
+    onnx.save_model(
+        model_proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=bundle.MODEL_DATA_FILE,
+        size_threshold=1024,
+    )
+    return bundle.MODEL_DATA_FILE
+
+
+def _describe_files(folder: Path) -> dict[str, Any]:
+    return {name: bundle.describe_file(folder / name) for name in sorted(os.listdir(folder))}
+
+
+def _write_manifest(folder: Path, data: dict[str, Any]) -> None:
+    (folder / bundle.MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _place(staging: Path, output: Path, force: bool) -> None:
+    """Move the finished staging folder to output; an existing output is replaced only with force."""
+    if output.exists():
+        if not force:
+            raise ExportError(f"output folder {output} already exists; pass --force to replace it")
+        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output)
+
+
+def export_bundle(
+    model: str = "gpt2",
+    output: str | Path | None = None,
+    *,
+    dtype: str = "fp32",
+    random_init: str | None = None,
+    seed: int = 0,
+    tokenizer: str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Export a GPT-2 checkpoint (hub id, folder, or random_init shape) to a bundle folder; return its path.
+
+    The bundle is assembled in a hidden sibling folder and renamed into place after validation, so a failed or
+    interrupted export leaves no bundle (and no half-written one) at `output`.
+    """
+    progress = progress or Progress(enabled=False)
+    if dtype not in DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
+    graph_dtype = DTYPES[dtype]
+    output = Path(output) if output is not None else default_output(model, random_init)
+    if output.exists() and not force:
+        raise ExportError(f"output folder {output} already exists; pass --force to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        with progress.step(f"loading {'random ' + random_init + ' GPT-2' if random_init else model}"):
+            checkpoint: Checkpoint = (
+                random_checkpoint(random_init, seed) if random_init else load_pretrained(model, revision)
+            )
+        spec = checkpoint.spec
+        with progress.step(f"building the ONNX graph ({spec.n_layer} layers, {graph_dtype})"):
+            weights = checkpoint.weights()
+            weight_bytes = sum(array.size for array in weights.values()) * (4 if graph_dtype == "float32" else 2)
+            external = _save_graph(build_graph(spec, weights, graph_dtype), staging, weight_bytes)
+            del weights
+        tokenizer_source = tokenizer or (None if random_init else model)
+        tokenizer_name = None
+        if tokenizer_source is not None:
+            with progress.step("saving the tokenizer"):
+                found = tokenizer_json(tokenizer_source, None if tokenizer else revision, staging)
+                if found is None and tokenizer:
+                    raise ExportError(
+                        f"no tokenizer found in {tokenizer} (expected tokenizer.json or vocab.json + merges.txt)"
+                    )
+                if found is not None:
+                    found.rename(staging / bundle.TOKENIZER_FILE)
+                    tokenizer_name = bundle.TOKENIZER_FILE
+        data: dict[str, Any] = {
+            "format": bundle.FORMAT_NAME,
+            "schema_version": bundle.SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": checkpoint.source,
+            "architecture": {
+                "n_layer": spec.n_layer,
+                "n_head": spec.n_head,
+                "head_dim": spec.head_dim,
+                "n_embd": spec.n_embd,
+                "vocab_size": spec.vocab_size,
+                "n_positions": spec.n_positions,
+                "activation": spec.activation,
+                "layer_norm_epsilon": spec.layer_norm_epsilon,
+            },
+            "special_tokens": checkpoint.special_tokens,
+            "generation_defaults": checkpoint.generation_defaults,
+            "graph": {
+                "file": bundle.MODEL_FILE,
+                "external_data": external,
+                "dtype": graph_dtype,
+                "opset": OPSET,
+                "inputs": bundle.io_names(spec.n_layer)[0],
+                "outputs": bundle.io_names(spec.n_layer)[1],
+                "logits": "last `logits_to_keep` positions (0 = all), float32",
+                "tied_embeddings": spec.tied_embeddings,
+                "optimizations": [],
+                "quantization": None,
+            },
+            "tokenizer": tokenizer_name,
+            "tools": _tool_versions(),
+        }
+        with progress.step("hashing files"):
+            data["files"] = _describe_files(staging)
+        _write_manifest(staging, data)
+        with progress.step("validating against PyTorch"):
+            manifest = bundle.read_manifest(staging, verify_hashes=False)
+            report = validate_bundle(checkpoint.model, manifest, graph_dtype, seed=seed)
+        if not report.passed:
+            raise ExportError(
+                f"validation failed: max |logits diff| {report.max_abs_diff:.3g} "
+                f"(relative {report.relative_diff:.3g}) is over the tolerance {report.tolerance:g}"
+            )
+        data["validation"] = report.to_dict()
+        _write_manifest(staging, data)
+        _place(staging, output, force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output

@@ -1,0 +1,94 @@
+"""The token loop: prefill, then per step [logits processors -> choose a token -> extend the cache -> stop checks]."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .session import DecoderSession
+
+TokenChooser = Callable[[np.ndarray], np.ndarray]
+ScoresProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class PaddedBatch:
+    """Prompts left-padded to one length, as transformers pads a decoder-only batch."""
+
+    input_ids: np.ndarray  # [batch, length] int64
+    attention_mask: np.ndarray  # [batch, length] int64, 0 on padding
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence[int]], pad_token_id: int) -> PaddedBatch:
+        length = max(len(row) for row in rows)
+        input_ids = np.full((len(rows), length), pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
+        for index, row in enumerate(rows):
+            if row:
+                input_ids[index, length - len(row) :] = row
+                attention_mask[index, length - len(row) :] = 1
+        return cls(input_ids, attention_mask)
+
+    def repeat(self, times: int) -> PaddedBatch:
+        """Each row repeated `times` times in place (row 0, row 0, ..., row 1, ...), as for beams."""
+        return PaddedBatch(np.repeat(self.input_ids, times, axis=0), np.repeat(self.attention_mask, times, axis=0))
+
+
+def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """Positions counted over real tokens only (cumsum - 1), 0 on padding, as transformers computes them."""
+    positions = np.cumsum(attention_mask, axis=1) - 1
+    return np.where(attention_mask == 0, 0, positions).astype(np.int64)
+
+
+def greedy_choice(scores: np.ndarray) -> np.ndarray:
+    """The highest-scoring token of each row (first one on ties, as torch.argmax)."""
+    return np.argmax(scores, axis=-1).astype(np.int64)
+
+
+@dataclass
+class Step:
+    """One decode step's outcome for the whole batch."""
+
+    tokens: np.ndarray  # [batch] chosen tokens (pad for rows already finished)
+    scores: np.ndarray  # [batch, vocab] processed scores the tokens were chosen from
+    raw_logits: np.ndarray  # [batch, vocab] the model's logits before processing
+    finished: np.ndarray  # [batch] rows that have ended (this step's EOS included)
+
+
+def token_steps(
+    session: DecoderSession,
+    batch: PaddedBatch,
+    max_new_tokens: int,
+    processors: ScoresProcessor,
+    choose: TokenChooser,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> Iterator[Step]:
+    """Yield one Step per generated token until every row has hit EOS or max_new_tokens is reached.
+
+    Finished rows keep being fed the pad token with attention 1, exactly as transformers' generate does, so that
+    every row's tokens equal what transformers produces for the same batch.
+    """
+    batch_size, prompt_length = batch.input_ids.shape
+    sequences = np.empty((batch_size, prompt_length + max_new_tokens), dtype=np.int64)
+    sequences[:, :prompt_length] = batch.input_ids
+    attention_mask = batch.attention_mask
+    positions = position_ids_from_mask(attention_mask)
+    eos = np.asarray(list(eos_token_ids), dtype=np.int64)
+    finished = np.zeros(batch_size, dtype=bool)
+    logits, past = session.forward(batch.input_ids, attention_mask, positions, session.empty_cache(batch_size))
+    for step in range(max_new_tokens):
+        length = prompt_length + step
+        raw = logits[:, -1, :]
+        scores = processors(sequences[:, :length], raw)
+        tokens = np.where(finished, pad_token_id, choose(scores))
+        sequences[:, length] = tokens
+        finished = finished | np.isin(tokens, eos)
+        yield Step(tokens, scores, raw, finished.copy())
+        if finished.all() or step + 1 == max_new_tokens:
+            return
+        attention_mask = np.concatenate([attention_mask, np.ones((batch_size, 1), dtype=np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        logits, past = session.forward(tokens[:, None], attention_mask, positions, past)
