@@ -45,6 +45,16 @@ class Progress:
             print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
+def _require_export_dependencies() -> None:
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(
+            f"export-gpt2 needs {', '.join(missing)}: install them with `pip install 'gpt2-onnx[export,cpu]'`"
+        )
+
+
 def default_output(model: str, random_init: str | None) -> Path:
     name = f"random-{random_init}" if random_init else Path(model.rstrip("/")).name
     return Path("models") / name
@@ -119,6 +129,7 @@ def export_bundle(
     interrupted export leaves no bundle (and no half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
+    _require_export_dependencies()
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
     graph_dtype = DTYPES[dtype]

@@ -1,0 +1,66 @@
+"""export-gpt2: convert a GPT-2 checkpoint into a verified ONNX bundle folder."""
+
+from __future__ import annotations
+
+import sys
+
+from gpt2onnx import __version__
+
+from .common import ArgumentParser, non_negative_int, run_command
+
+PROG = "export-gpt2"
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Convert a GPT-2 checkpoint (hub id or local folder) into an ONNX bundle that gpt2-generate "
+        "and gpt2onnx.load() run without PyTorch. Loading a hub id needs the Hugging Face hub; "
+        "--random-init works offline.",
+    )
+    parser.add_argument("--model", default="gpt2", help="hub id or checkpoint folder (default: gpt2)")
+    parser.add_argument("--output", help="bundle folder to write (default: models/<model name>)")
+    parser.add_argument(
+        "--dtype", choices=("fp32", "fp16"), default="fp32", help="weight and compute type (fp16 is for CUDA)"
+    )
+    parser.add_argument(
+        "--random-init",
+        choices=("tiny", "small", "medium"),
+        help="build a GPT-2 of this shape with seeded random weights instead of loading --model",
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for --random-init and validation inputs")
+    parser.add_argument(
+        "--tokenizer", help="folder or hub id whose tokenizer goes into the bundle (default: the model's)"
+    )
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
+    parser.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    parser.add_argument("--quiet", action="store_true", help="do not print progress")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from gpt2onnx.export.exporter import Progress, export_bundle
+
+        output = export_bundle(
+            args.model,
+            args.output,
+            dtype=args.dtype,
+            random_init=args.random_init,
+            seed=args.seed,
+            tokenizer=args.tokenizer,
+            revision=args.revision,
+            force=args.force,
+            progress=Progress(enabled=not args.quiet),
+        )
+        print(output)
+        return 0
+
+    return run_command(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""gpt2-generate: generate text from a bundle (greedy, sampling, beams), show tokens and next-token tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from gpt2onnx import __version__
+
+from .common import ArgumentParser, finite_float, non_negative_int, positive_int, run_command
+
+PROG = "gpt2-generate"
+DEFAULT_BUNDLE = "models/gpt2"
+
+
+def _token_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids such as 1,2,3, got {text!r}") from None
+
+
+def _early_stopping(text: str) -> bool | str:
+    import argparse
+
+    values = {"true": True, "false": False, "never": "never"}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected true, false or never, got {text!r}")
+    return values[text.lower()]
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Generate text with a GPT-2 bundle written by export-gpt2 (no PyTorch needed).",
+    )
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several prompts form a batch")
+    parser.add_argument("--model", default=DEFAULT_BUNDLE, help=f"bundle folder (default: {DEFAULT_BUNDLE})")
+    parser.add_argument(
+        "--input-ids",
+        type=_token_list,
+        action="append",
+        metavar="1,2,3",
+        help="prompt as token ids instead of text; repeat for a batch",
+    )
+    generation = parser.add_argument_group("generation options (transformers' names and defaults)")
+    generation.add_argument("--max-new-tokens", type=positive_int, default=20, help="tokens to generate (default 20)")
+    generation.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="suppress EOS before this many")
+    generation.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam search")
+    generation.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default 1.0)")
+    generation.add_argument("--top-k", type=non_negative_int, default=50, help="sampling: keep the k best (default 50)")
+    generation.add_argument("--top-p", type=finite_float, default=1.0, help="sampling: nucleus mass (default 1.0)")
+    generation.add_argument("--min-p", type=finite_float, help="sampling: drop tokens below min_p * best probability")
+    generation.add_argument("--typical-p", type=finite_float, default=1.0, help="sampling: typical mass (default 1.0)")
+    generation.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (default 1)")
+    generation.add_argument("--length-penalty", type=finite_float, default=1.0, help="beam score length exponent")
+    generation.add_argument(
+        "--early-stopping",
+        type=_early_stopping,
+        default=False,
+        nargs="?",
+        const=True,
+        metavar="true|false|never",
+        help="beam search stopping rule (flag alone = true)",
+    )
+    generation.add_argument("--num-return-sequences", type=positive_int, default=1, help="sequences per prompt")
+    generation.add_argument("--repetition-penalty", type=finite_float, default=1.0, help="penalise repeated tokens")
+    generation.add_argument("--no-repeat-ngram-size", type=non_negative_int, default=0, help="forbid repeated n-grams")
+    generation.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
+    generation.add_argument("--seed", type=non_negative_int, help="random seed for sampling (reproducible runs)")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
+    runtime.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
+    runtime.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    output = parser.add_argument_group("output")
+    output.add_argument("--stream", action="store_true", help="print text as it is generated")
+    output.add_argument("--json", action="store_true", help="print one JSON object (see README)")
+    output.add_argument("--show-tokens", action="store_true", help="print the prompt's |token| -> id table")
+    output.add_argument("--top-probs", type=positive_int, metavar="N", help="print the N most likely next tokens")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def generation_options(args: Any) -> dict[str, Any]:
+    """The generate() keyword arguments the command line asked for."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "typical_p": args.typical_p,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "early_stopping": args.early_stopping,
+        "num_return_sequences": args.num_return_sequences,
+        "repetition_penalty": args.repetition_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "stop": tuple(args.stop or ()),
+        "seed": args.seed,
+    }
+
+
+def _print_token_table(model: Any, token_ids: list[int]) -> None:
+    strings = model.tokenizer.token_strings(token_ids) if model.manifest.tokenizer_path else [None] * len(token_ids)
+    for token, text in zip(token_ids, strings, strict=True):
+        print(f"|{text}| -> {token}" if text is not None else f"{token}")
+
+
+def _print_top_probs(model: Any, table: list[Any]) -> None:
+    for rank, row in enumerate(table, 1):
+        print(f"{rank:>3}  {row.probability:8.4%}  {row.token_id:>6}  |{row.token}|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompts and args.input_ids:
+        parser.error("give PROMPT text or --input-ids, not both")
+    if not args.prompts and not args.input_ids:
+        parser.error("give a PROMPT (text) or --input-ids 1,2,3")
+    if args.stream and args.json:
+        parser.error("--stream and --json cannot be combined")
+
+    def body() -> int:
+        import gpt2onnx
+
+        model = gpt2onnx.load(
+            args.model, provider=args.provider, verify_hashes=not args.no_verify, threads=args.threads
+        )
+        options = generation_options(args)
+        prompt = None if args.input_ids else (args.prompts[0] if len(args.prompts) == 1 else args.prompts)
+        input_ids = None if not args.input_ids else (args.input_ids[0] if len(args.input_ids) == 1 else args.input_ids)
+        encoded = model.encode(prompt, input_ids)
+        extras: dict[str, Any] = {}
+        if args.show_tokens or args.top_probs:
+            for text, row in zip(encoded.prompts, encoded.rows, strict=True):
+                if args.show_tokens and not args.json:
+                    _print_token_table(model, row)
+                if args.top_probs:
+                    table = model.next_token_probs(input_ids=row, top=args.top_probs)
+                    extras.setdefault("top_probs", []).append([row.__dict__ for row in table])
+                    if not args.json:
+                        print(
+                            f"next-token probabilities after {text!r}:"
+                            if text is not None
+                            else "next-token probabilities:"
+                        )
+                        _print_top_probs(model, table)
+        if args.stream:
+            if len(encoded.rows) != 1:
+                raise gpt2onnx.InvalidInputError("--stream takes one prompt")
+            if prompt is not None:
+                print(prompt, end="", flush=True)
+            for piece in model.stream(prompt, input_ids=input_ids, **options):
+                print(piece, end="", flush=True)
+            print()
+            return 0
+        output = model.generate(prompt, input_ids=input_ids, **options)
+        if args.json:
+            document = {"model": model.name, "provider": model.provider, **output.to_dict(), **extras}
+            print(json.dumps(document, ensure_ascii=False))
+            return 0
+        sequences = [(i, j, seq) for i, result in enumerate(output.results) for j, seq in enumerate(result.sequences)]
+        for i, j, sequence in sequences:
+            if len(sequences) > 1:
+                print(f"=== prompt {i + 1}, sequence {j + 1} ===")
+            print(sequence.text if model.manifest.tokenizer_path else " ".join(map(str, sequence.token_ids)))
+        return 0
+
+    return run_command(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
