@@ -4,7 +4,8 @@ One graph serves the prompt (empty past) and every decode step. Inputs: input_id
 attention_mask [batch, past+seq], position_ids [batch, seq], logits_to_keep (scalar: how many last positions
 get logits; 0 = all), past_key_values.{i}.key|value [batch, n_head, past, head_dim]. Outputs: logits
 [batch, kept, vocab] (float32) and present.{i}.key|value [batch, n_head, past+seq, head_dim].
-The tied token embedding is stored once (an untied lm_head gets its own weight): Gather reads it for the input, Gemm(transB) for the logits.
+The tied token embedding is stored once (an untied lm_head gets its own weight): Gather reads it for
+the input, Gemm(transB) for the logits.
 """
 
 from __future__ import annotations

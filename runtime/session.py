@@ -102,7 +102,8 @@ class DecoderSession:
         ]
         if missing:
             raise BundleError(
-                f"bundle {self.manifest.folder}: {self.manifest.model_path.name} lacks the graph input/output {missing[0]}"
+                f"bundle {self.manifest.folder}: {self.manifest.model_path.name} "
+                f"lacks the graph input/output {missing[0]}"
             )
         self._output_names = expected_outputs
 
