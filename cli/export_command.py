@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from gpt2onnx import __version__
@@ -22,6 +23,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", help="bundle folder to write (default: models/<model name>)")
     parser.add_argument(
         "--dtype", choices=("fp32", "fp16"), default="fp32", help="weight and compute type (fp16 is for CUDA)"
+    )
+    parser.add_argument(
+        "--optimize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="build the graph from onnxruntime's fused ops (attention with past, skip layer norm, fast GELU); "
+        "--no-optimize keeps standard ONNX ops only (default: optimize)",
+    )
+    parser.add_argument(
+        "--quantize", choices=("int8",), help="dynamic int8 quantisation of the weights, after fusion (CPU; fp32 only)"
     )
     parser.add_argument(
         "--random-init",
@@ -49,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             args.output,
             dtype=args.dtype,
+            optimize=args.optimize,
+            quantize=args.quantize,
             random_init=args.random_init,
             seed=args.seed,
             tokenizer=args.tokenizer,

@@ -11,6 +11,7 @@ the input, Gemm(transB) for the logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ from gpt2onnx.runtime.errors import ExportError
 OPSET = 17
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish", "quick_gelu")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+CONTRIB = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class _Builder:
 
 
 def _activation(b: _Builder, x: str, name: str) -> str:
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+    if name in TANH_GELUS:
         cube = b.op("Pow", x, b.const(3.0))
         inner = b.op("Mul", b.op("Add", x, b.op("Mul", cube, b.const(0.044715))), b.const(math.sqrt(2.0 / math.pi)))
         return b.op("Mul", b.op("Mul", x, b.const(0.5)), b.op("Add", b.op("Tanh", inner), b.const(1.0)))
@@ -97,8 +100,113 @@ def _activation(b: _Builder, x: str, name: str) -> str:
     raise ExportError(f"unsupported activation function {name!r}; supported: {', '.join(ACTIVATIONS)}")
 
 
-def build_graph(spec: GPT2Spec, weights: dict[str, np.ndarray], dtype: str = "float32"):
-    """Return the onnx.ModelProto of a GPT-2 with the given transformers-style state dict (numpy arrays)."""
+def _layer_norm(b: _Builder, x: str, weight: str, bias: str, eps: float) -> str:
+    return b.op("LayerNormalization", x, weight, bias, axis=-1, epsilon=eps)
+
+
+def _plain_blocks(b: _Builder, spec: GPT2Spec, w: Callable[[str], str], hidden: str, allowed: str) -> str:
+    """The transformer blocks in standard ONNX ops; returns the final layer norm's output."""
+    int64 = np.int64
+    H, D, E = spec.n_head, spec.head_dim, spec.n_embd
+    eps = spec.layer_norm_epsilon
+    masked_value = b.const(np.finfo(b.np_dtype).min)
+    heads_shape = b.const([0, 0, H, D], int64)
+    merged_shape = b.const([0, 0, E], int64)
+    split_sizes = b.const([E, E, E], int64)
+    for layer in range(spec.n_layer):
+        p = f"transformer.h.{layer}."
+        normed = _layer_norm(b, hidden, w(p + "ln_1.weight"), w(p + "ln_1.bias"), eps)
+        qkv = b.linear(normed, w(p + "attn.c_attn.weight"), w(p + "attn.c_attn.bias"))
+        q, k, v = (b.fresh(n) for n in "qkv")
+        b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
+        q, k, v = (b.op("Transpose", b.op("Reshape", t, heads_shape), perm=[0, 2, 1, 3]) for t in (q, k, v))
+        key = b.op("Concat", bundle.past_key_name(layer), k, outputs=[bundle.present_key_name(layer)], axis=2)
+        value = b.op("Concat", bundle.past_value_name(layer), v, outputs=[bundle.present_value_name(layer)], axis=2)
+        scores = b.op(
+            "Mul", b.op("MatMul", q, b.op("Transpose", key, perm=[0, 1, 3, 2])), b.const(spec.attention_scale(layer))
+        )
+        probs = b.op("Softmax", b.op("Where", allowed, scores, masked_value), axis=-1)
+        context = b.op("Reshape", b.op("Transpose", b.op("MatMul", probs, value), perm=[0, 2, 1, 3]), merged_shape)
+        hidden = b.op("Add", hidden, b.linear(context, w(p + "attn.c_proj.weight"), w(p + "attn.c_proj.bias")))
+        normed = _layer_norm(b, hidden, w(p + "ln_2.weight"), w(p + "ln_2.bias"), eps)
+        inner = _activation(b, b.linear(normed, w(p + "mlp.c_fc.weight"), w(p + "mlp.c_fc.bias")), spec.activation)
+        hidden = b.op("Add", hidden, b.linear(inner, w(p + "mlp.c_proj.weight"), w(p + "mlp.c_proj.bias")))
+    return _layer_norm(b, hidden, w("transformer.ln_f.weight"), w("transformer.ln_f.bias"), eps)
+
+
+def _fused_activation(b: _Builder, x: str, bias: str, name: str) -> str:
+    """The MLP activation with its preceding bias folded in (FastGelu / BiasGelu where they apply)."""
+    if name in TANH_GELUS:
+        return b.op("FastGelu", x, bias, domain=CONTRIB)
+    if name == "gelu":
+        return b.op("BiasGelu", x, bias, domain=CONTRIB)
+    return _activation(b, b.op("Add", x, bias), name)
+
+
+def _skip_layer_norm(b: _Builder, x: str, residual: str, names: tuple[str, str, str], eps: float) -> tuple[str, str]:
+    """SkipLayerNormalization(x + bias + residual): returns (normed, the new residual sum)."""
+    normed, total = b.fresh("skip_ln"), b.fresh("residual")
+    b.op("SkipLayerNormalization", x, residual, *names, outputs=[normed, "", "", total], domain=CONTRIB, epsilon=eps)
+    return normed, total
+
+
+def _fused_blocks(b: _Builder, spec: GPT2Spec, w: Callable[[str], str], hidden: str, allowed: str) -> str:
+    """The blocks with onnxruntime contrib ops: MultiHeadAttention (past/present), SkipLayerNormalization with the
+    projection biases folded in, FastGelu with the MLP bias. Returns the final layer norm's output."""
+    E, eps = spec.n_embd, spec.layer_norm_epsilon
+    # An additive mask, shared by all layers: 0 where attention is allowed, a large negative value elsewhere.
+    mask_value = -1e9 if b.np_dtype == np.float32 else -1e4
+    attention_bias = b.op("Where", allowed, b.const(0.0), b.const(mask_value))
+    split_sizes = b.const([E, E, E], np.int64)
+    normed = _layer_norm(b, hidden, w("transformer.h.0.ln_1.weight"), w("transformer.h.0.ln_1.bias"), eps)
+    residual = hidden
+    for layer in range(spec.n_layer):
+        p = f"transformer.h.{layer}."
+        qkv = b.op("MatMul", normed, w(p + "attn.c_attn.weight"))
+        q, k, v = (b.fresh(n) for n in "qkv")
+        b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
+        context = b.fresh("context")
+        b.op(
+            "MultiHeadAttention",
+            q,
+            k,
+            v,
+            w(p + "attn.c_attn.bias"),
+            "",
+            attention_bias,
+            bundle.past_key_name(layer),
+            bundle.past_value_name(layer),
+            outputs=[context, bundle.present_key_name(layer), bundle.present_value_name(layer)],
+            domain=CONTRIB,
+            num_heads=spec.n_head,
+            scale=spec.attention_scale(layer),
+        )
+        attention = b.op("MatMul", context, w(p + "attn.c_proj.weight"))
+        ln_2 = (w(p + "ln_2.weight"), w(p + "ln_2.bias"), w(p + "attn.c_proj.bias"))
+        normed, residual = _skip_layer_norm(b, attention, residual, ln_2, eps)
+        fc = b.op("MatMul", normed, w(p + "mlp.c_fc.weight"))
+        inner = _fused_activation(b, fc, w(p + "mlp.c_fc.bias"), spec.activation)
+        mlp = b.op("MatMul", inner, w(p + "mlp.c_proj.weight"))
+        following = f"transformer.h.{layer + 1}.ln_1." if layer + 1 < spec.n_layer else "transformer.ln_f."
+        names = (w(following + "weight"), w(following + "bias"), w(p + "mlp.c_proj.bias"))
+        normed, residual = _skip_layer_norm(b, mlp, residual, names, eps)
+    return normed
+
+
+def build_graph(
+    spec: GPT2Spec,
+    weights: dict[str, np.ndarray],
+    dtype: str = "float32",
+    *,
+    fused: bool = False,
+    separate_lm_head: bool = False,
+):
+    """Return the onnx.ModelProto of a GPT-2 with the given transformers-style state dict (numpy arrays).
+
+    fused: build the blocks from onnxruntime contrib ops (faster; needs onnxruntime) instead of standard ONNX ops.
+    separate_lm_head: project to the vocabulary with MatMul over its own [n_embd, vocab] copy of the weight rather
+    than Gemm(transB) over the tied embedding, so that dynamic quantisation can quantise the projection too.
+    """
     from onnx import TensorProto, helper
 
     if dtype not in NUMPY_DTYPES:
@@ -128,49 +236,23 @@ def build_graph(spec: GPT2Spec, weights: dict[str, np.ndarray], dtype: str = "fl
     )
     padding = b.op("Unsqueeze", b.op("Cast", bundle.ATTENTION_MASK, to=TensorProto.BOOL), b.const([1, 2], int64))
     allowed = b.op("And", padding, causal)  # [batch, 1, S, T]
-    masked_value = b.const(np.finfo(b.np_dtype).min)
 
     wte = w("transformer.wte.weight")
     hidden = b.op(
         "Add", b.op("Gather", wte, bundle.INPUT_IDS), b.op("Gather", w("transformer.wpe.weight"), bundle.POSITION_IDS)
     )
-    heads_shape = b.const([0, 0, H, D], int64)
-    merged_shape = b.const([0, 0, E], int64)
-    split_sizes = b.const([E, E, E], int64)
-    for layer in range(spec.n_layer):
-        p = f"transformer.h.{layer}."
-        eps = spec.layer_norm_epsilon
-        normed = b.op("LayerNormalization", hidden, w(p + "ln_1.weight"), w(p + "ln_1.bias"), axis=-1, epsilon=eps)
-        qkv = b.linear(normed, w(p + "attn.c_attn.weight"), w(p + "attn.c_attn.bias"))
-        q, k, v = (b.fresh(n) for n in "qkv")
-        b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
-        q, k, v = (b.op("Transpose", b.op("Reshape", t, heads_shape), perm=[0, 2, 1, 3]) for t in (q, k, v))
-        key = b.op("Concat", bundle.past_key_name(layer), k, outputs=[bundle.present_key_name(layer)], axis=2)
-        value = b.op("Concat", bundle.past_value_name(layer), v, outputs=[bundle.present_value_name(layer)], axis=2)
-        scores = b.op(
-            "Mul", b.op("MatMul", q, b.op("Transpose", key, perm=[0, 1, 3, 2])), b.const(spec.attention_scale(layer))
-        )
-        probs = b.op("Softmax", b.op("Where", allowed, scores, masked_value), axis=-1)
-        context = b.op("Reshape", b.op("Transpose", b.op("MatMul", probs, value), perm=[0, 2, 1, 3]), merged_shape)
-        hidden = b.op("Add", hidden, b.linear(context, w(p + "attn.c_proj.weight"), w(p + "attn.c_proj.bias")))
-        normed = b.op("LayerNormalization", hidden, w(p + "ln_2.weight"), w(p + "ln_2.bias"), axis=-1, epsilon=eps)
-        inner = _activation(b, b.linear(normed, w(p + "mlp.c_fc.weight"), w(p + "mlp.c_fc.bias")), spec.activation)
-        hidden = b.op("Add", hidden, b.linear(inner, w(p + "mlp.c_proj.weight"), w(p + "mlp.c_proj.bias")))
-    hidden = b.op(
-        "LayerNormalization",
-        hidden,
-        w("transformer.ln_f.weight"),
-        w("transformer.ln_f.bias"),
-        axis=-1,
-        epsilon=spec.layer_norm_epsilon,
-    )
+    hidden = (_fused_blocks if fused else _plain_blocks)(b, spec, w, hidden, allowed)
     # Keep only the last `logits_to_keep` positions (0 keeps all) before the vocabulary projection.
     start = b.op("Unsqueeze", b.op("Neg", bundle.LOGITS_TO_KEEP), scalar_axes)
     kept = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max], int64), b.const([1], int64))
-    lm_head = wte if spec.tied_embeddings else w("lm_head.weight")
-    flat_logits = b.op("Gemm", b.op("Reshape", kept, b.const([-1, E], int64)), lm_head, transB=1)
-    logits_shape = b.op("Concat", b.op("Shape", kept, start=0, end=2), b.const([spec.vocab_size], int64), axis=0)
-    logits = b.op("Reshape", flat_logits, logits_shape)
+    head_name = "transformer.wte.weight" if spec.tied_embeddings else "lm_head.weight"
+    if separate_lm_head:
+        logits = b.op("MatMul", kept, b.weight("lm_head.weight.T", weights[head_name].T.astype(b.np_dtype)))
+    else:
+        lm_head = wte if spec.tied_embeddings else w(head_name)
+        flat_logits = b.op("Gemm", b.op("Reshape", kept, b.const([-1, E], int64)), lm_head, transB=1)
+        logits_shape = b.op("Concat", b.op("Shape", kept, start=0, end=2), b.const([spec.vocab_size], int64), axis=0)
+        logits = b.op("Reshape", flat_logits, logits_shape)
     if dtype == "float32":
         b.op("Identity", logits, outputs=[bundle.LOGITS])
     else:
@@ -191,6 +273,7 @@ def build_graph(spec: GPT2Spec, weights: dict[str, np.ndarray], dtype: str = "fl
         for name in (bundle.present_key_name(layer), bundle.present_value_name(layer)):
             outputs.append(helper.make_tensor_value_info(name, b.onnx_dtype, present_shape))
     graph = helper.make_graph(b.nodes, "gpt2_decoder_with_past", inputs, outputs, b.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gpt2onnx")
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(CONTRIB, 1)] if fused else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")
     model.ir_version = 8
     return model
