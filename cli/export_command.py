@@ -51,7 +51,10 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quantize and args.dtype != "fp32":
+        parser.error(f"--quantize {args.quantize} applies to fp32 weights; drop --dtype {args.dtype}")
 
     def body() -> int:
         from gpt2onnx.export.exporter import Progress, export_bundle

@@ -67,12 +67,16 @@ def _greedy_sequences(model: Any, prompts: np.ndarray, new_tokens: int) -> np.nd
     """PyTorch's own greedy continuation of equal-length prompts: [rows, prompt + new_tokens] token ids."""
     import torch
 
-    ids = torch.from_numpy(prompts)
     with torch.no_grad():
-        for _ in range(new_tokens):
-            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
-            ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
-    return ids.numpy()
+        output = model.generate(
+            input_ids=torch.from_numpy(prompts),
+            attention_mask=torch.ones_like(torch.from_numpy(prompts)),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return output.numpy()
 
 
 def validate_bundle(
