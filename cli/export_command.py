@@ -32,7 +32,9 @@ def build_parser() -> ArgumentParser:
         "--no-optimize keeps standard ONNX ops only (default: optimize)",
     )
     parser.add_argument(
-        "--quantize", choices=("int8",), help="dynamic int8 quantisation of the weights, after fusion (CPU; fp32 only)"
+        "--quantize",
+        choices=("int8",),
+        help="int8 weights (blocks of 128, int8 activations at run time) in the fused graph; for CPU, fp32 only",
     )
     parser.add_argument(
         "--random-init",
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quantize and args.dtype != "fp32":
         parser.error(f"--quantize {args.quantize} applies to fp32 weights; drop --dtype {args.dtype}")
+    if args.quantize and not args.optimize:
+        parser.error(f"--quantize {args.quantize} builds on the fused graph; drop --no-optimize")
 
     def body() -> int:
         from gpt2onnx.export.exporter import Progress, export_bundle

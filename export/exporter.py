@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -18,13 +17,12 @@ from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError
 
 from .checkpoint import Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
-from .graph import CONTRIB, OPSET, build_graph
+from .graph import CONTRIB, OPSET, QUANT_BLOCK, build_graph
 from .validate import validate_bundle
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf stops at 2 GiB)
 DTYPES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
 QUANTIZATIONS = ("int8",)
-FLOAT_GRAPH_FILE = "model.float.onnx"  # the graph before quantisation, removed once quantised
 
 
 class Progress:
@@ -75,63 +73,36 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
-def _save_graph(model_proto: Any, path: Path, weight_bytes: int) -> str | None:
-    """Write the graph; weights go to an external data file beside it when large. Returns that file's name."""
+def _save_graph(model_proto: Any, folder: Path) -> str | None:
+    """Write model.onnx; weights go to an external data file beside it when large. Returns that file's name."""
     import onnx
 
-    if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
+    path = folder / bundle.MODEL_FILE
+    if sum(init.ByteSize() for init in model_proto.graph.initializer) <= EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model_proto, str(path))
         return None
-    location = bundle.MODEL_DATA_FILE if path.name == bundle.MODEL_FILE else f"{path.name}.data"
     onnx.save_model(
         model_proto,
         str(path),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
-        location=location,
+        location=bundle.MODEL_DATA_FILE,
         size_threshold=1024,
     )
-    return location
+    return bundle.MODEL_DATA_FILE
 
 
-def _quantize_int8(source: Path, folder: Path, weight_bytes: int) -> tuple[str | None, dict[str, Any]]:
-    """Dynamic int8 quantisation of the (fused) float graph at `source` into the bundle's model.onnx.
-
-    Weights of every MatMul (the vocabulary projection included) and the embedding Gathers become int8, symmetric
-    per tensor; activations are quantised to uint8 at run time. Returns the external data file name (or None) and
-    what the manifest records.
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    external = weight_bytes // 4 > EXTERNAL_DATA_THRESHOLD
-    target = folder / bundle.MODEL_FILE
-    logging.disable(logging.WARNING)  # quantize_dynamic warns about pre-processing meant for static quantisation
-    try:
-        quantize_dynamic(
-            source,
-            target,
-            weight_type=QuantType.QInt8,
-            per_channel=False,
-            use_external_data_format=external,
-            # Contrib-op outputs have no inferred type; they are float32 (the tied embedding feeds Gather and MatMul).
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
-        )
-    finally:
-        logging.disable(logging.NOTSET)
-    model = onnx.load(str(target), load_external_data=False)
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "DequantizeLinear"):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    record = {
-        "method": "onnxruntime.quantization.quantize_dynamic",
-        "weights": "int8, symmetric, per tensor",
-        "activations": "uint8, dynamic (per tensor, computed at run time)",
-        "quantized": "every MatMul weight (lm_head included, as its own [n_embd, vocab] copy) and the embeddings",
-        "ops": counts,
+def _quantization_record(model_proto: Any) -> dict[str, Any]:
+    """What bundle.json says about int8 weights."""
+    projections = sum(node.op_type == "MatMulNBits" for node in model_proto.graph.node)
+    return {
+        "weights": "int8",
+        "scheme": f"symmetric blocks of {QUANT_BLOCK} inputs per output, one float32 scale each (zero point 128)",
+        "activations": "int8, quantised per block at run time (MatMulNBits accuracy_level 4)",
+        "op": "com.microsoft.MatMulNBits",
+        "projections": projections,
+        "covers": "every attention and MLP projection, the lm_head (vocabulary projection) and the token embedding",
     }
-    return (bundle.MODEL_DATA_FILE if external else None), record  # quantize_dynamic names it "<model>.data"
 
 
 def _contrib_ops(model_proto: Any) -> list[str]:
@@ -177,10 +148,10 @@ def export_bundle(
     """Export a GPT-2 checkpoint (hub id, folder, or random_init shape) to a bundle folder; return its path.
 
     optimize: build the graph from onnxruntime's fused contrib ops (MultiHeadAttention with past/present,
-    SkipLayerNormalization, FastGelu); False keeps standard ONNX ops only. quantize="int8": dynamic int8
-    quantisation of the weights, after fusion (fp32 only). The bundle is assembled in a hidden sibling folder and
-    renamed into place after validation, so a failed or interrupted export leaves no bundle (and no half-written
-    one) at `output`.
+    SkipLayerNormalization, FastGelu); False keeps standard ONNX ops only. quantize="int8": int8 weights in the
+    fused graph (MatMulNBits, int8 activations at run time; fp32 only). The bundle is assembled in a hidden sibling
+    folder and renamed into place after validation, so a failed or interrupted export leaves no bundle (and no
+    half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
     _require_export_dependencies()
@@ -191,6 +162,8 @@ def export_bundle(
         raise ExportError(f"unsupported quantization {quantize!r}; choose {', '.join(QUANTIZATIONS)}")
     if quantize is not None and graph_dtype != "float32":
         raise ExportError(f"--quantize {quantize} applies to fp32 weights; drop --dtype {dtype}")
+    if quantize is not None and not optimize:
+        raise ExportError(f"--quantize {quantize} builds on the fused graph; drop --no-optimize")
     output = Path(output) if output is not None else default_output(model, random_init)
     if output.exists() and not force:
         raise ExportError(f"output folder {output} already exists; pass --force to replace it")
@@ -204,21 +177,14 @@ def export_bundle(
                 random_checkpoint(random_init, seed) if random_init else load_pretrained(model, revision)
             )
         spec = checkpoint.spec
-        kind = "fused" if optimize else "plain"
+        kind = ("fused" if optimize else "plain") + (f", {quantize} weights" if quantize else "")
         with progress.step(f"building the ONNX graph ({spec.n_layer} layers, {graph_dtype}, {kind})"):
             weights = checkpoint.weights()
-            model_proto = build_graph(spec, weights, graph_dtype, fused=optimize, separate_lm_head=quantize is not None)
-            weight_bytes = sum(init.ByteSize() for init in model_proto.graph.initializer)
+            model_proto = build_graph(spec, weights, graph_dtype, fused=optimize, int8=quantize == "int8")
             optimizations = _contrib_ops(model_proto)
-            graph_path = staging / (FLOAT_GRAPH_FILE if quantize else bundle.MODEL_FILE)
-            external = _save_graph(model_proto, graph_path, weight_bytes)
+            quantization = _quantization_record(model_proto) if quantize else None
+            external = _save_graph(model_proto, staging)
             del weights, model_proto
-        quantization = None
-        if quantize:
-            with progress.step("quantising to int8"):
-                external, quantization = _quantize_int8(graph_path, staging, weight_bytes)
-                for name in (FLOAT_GRAPH_FILE, f"{FLOAT_GRAPH_FILE}.data"):
-                    (staging / name).unlink(missing_ok=True)
         tokenizer_source = tokenizer or (None if random_init else model)
         tokenizer_name = None
         if tokenizer_source is not None:

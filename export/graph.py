@@ -4,8 +4,13 @@ One graph serves the prompt (empty past) and every decode step. Inputs: input_id
 attention_mask [batch, past+seq], position_ids [batch, seq], logits_to_keep (scalar: how many last positions
 get logits; 0 = all), past_key_values.{i}.key|value [batch, n_head, past, head_dim]. Outputs: logits
 [batch, kept, vocab] (float32) and present.{i}.key|value [batch, n_head, past+seq, head_dim].
-The tied token embedding is stored once (an untied lm_head gets its own weight): Gather reads it for
-the input, Gemm(transB) for the logits.
+
+Blocks come in two forms: standard ONNX ops (plain), or onnxruntime's contrib ops (fused: MultiHeadAttention with
+past/present, SkipLayerNormalization with the projection biases folded in, FastGelu). The fused form can carry
+int8 weights: every projection becomes MatMulNBits (8 bits, symmetric blocks of QUANT_BLOCK along the input
+dimension, int8 activations at run time). The tied token embedding is stored once: as [n_embd, vocab] for float
+graphs (MatMul reads it for the logits, a Gather along axis 1 for the input), or as the lm_head's MatMulNBits
+blocks for int8 graphs (the input Gather dequantises its rows). An untied lm_head gets its own weight.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "si
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 CONTRIB = "com.microsoft"
+QUANT_BLOCK = 128  # int8 weights: one scale per QUANT_BLOCK inputs of each output
+QUANT_ZERO = 128  # MatMulNBits' implied zero point for 8 bits: stored byte = round(w / scale) + 128
 
 
 @dataclass(frozen=True)
@@ -52,10 +59,11 @@ class GPT2Spec:
 class _Builder:
     """Accumulates nodes and initializers with unique names."""
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, int8: bool = False) -> None:
         from onnx import TensorProto, helper, numpy_helper
 
         self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
+        self.int8 = int8
         self.np_dtype = NUMPY_DTYPES[dtype]
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
         self.nodes: list = []
@@ -82,6 +90,44 @@ class _Builder:
     def linear(self, x: str, weight: str, bias: str) -> str:
         return self.op("Add", self.op("MatMul", x, weight), bias)
 
+    def quantized(self, name: str, matrix: np.ndarray) -> tuple[str, str]:
+        """Blocks and scales of matrix [out, in] for MatMulNBits: uint8 [out, blocks, QUANT_BLOCK], float [out, blocks].
+
+        Each block of QUANT_BLOCK inputs (zero-padded at the end) gets scale max|w| / 127 and bytes round(w / scale)
+        + 128, so that w = (byte - 128) * scale within half a step.
+        """
+        rows, columns = matrix.shape
+        blocks = -(-columns // QUANT_BLOCK)
+        padded = np.zeros((rows, blocks * QUANT_BLOCK), np.float32)
+        padded[:, :columns] = matrix
+        padded = padded.reshape(rows, blocks, QUANT_BLOCK)
+        scales = np.abs(padded).max(axis=2) / 127.0
+        scales[scales == 0] = 1.0
+        data = np.clip(np.round(padded / scales[:, :, None]), -127, 127) + QUANT_ZERO
+        return self.weight(name + ".int8", data.astype(np.uint8)), self.weight(
+            name + ".scales", scales.astype(np.float32)
+        )
+
+    def project(self, x: str, name: str, weight: np.ndarray) -> str:
+        """x @ weight (weight [in, out]): MatMul, or MatMulNBits over int8 blocks when building an int8 graph."""
+        if not self.int8:
+            return self.op("MatMul", x, self.weight(name, weight.astype(self.np_dtype)))
+        return self.project_blocks(x, *self.quantized(name, weight.T), *weight.shape)
+
+    def project_blocks(self, x: str, data: str, scales: str, inputs: int, outputs: int) -> str:
+        return self.op(
+            "MatMulNBits",
+            x,
+            data,
+            scales,
+            domain=CONTRIB,
+            K=inputs,
+            N=outputs,
+            bits=8,
+            block_size=QUANT_BLOCK,
+            accuracy_level=4,  # int8 activations (quantised per block at run time): the fast VNNI/AVX2 kernels
+        )
+
 
 def _activation(b: _Builder, x: str, name: str) -> str:
     if name in TANH_GELUS:
@@ -104,7 +150,9 @@ def _layer_norm(b: _Builder, x: str, weight: str, bias: str, eps: float) -> str:
     return b.op("LayerNormalization", x, weight, bias, axis=-1, epsilon=eps)
 
 
-def _plain_blocks(b: _Builder, spec: GPT2Spec, w: Callable[[str], str], hidden: str, allowed: str) -> str:
+def _plain_blocks(
+    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str, allowed: str
+) -> str:
     """The transformer blocks in standard ONNX ops; returns the final layer norm's output."""
     int64 = np.int64
     H, D, E = spec.n_head, spec.head_dim, spec.n_embd
@@ -150,9 +198,12 @@ def _skip_layer_norm(b: _Builder, x: str, residual: str, names: tuple[str, str, 
     return normed, total
 
 
-def _fused_blocks(b: _Builder, spec: GPT2Spec, w: Callable[[str], str], hidden: str, allowed: str) -> str:
+def _fused_blocks(
+    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str, allowed: str
+) -> str:
     """The blocks with onnxruntime contrib ops: MultiHeadAttention (past/present), SkipLayerNormalization with the
-    projection biases folded in, FastGelu with the MLP bias. Returns the final layer norm's output."""
+    projection biases folded in, FastGelu with the MLP bias; projections through b.project (float or int8).
+    Returns the final layer norm's output."""
     E, eps = spec.n_embd, spec.layer_norm_epsilon
     # An additive mask, shared by all layers: 0 where attention is allowed, a large negative value elsewhere.
     mask_value = -1e9 if b.np_dtype == np.float32 else -1e4
@@ -162,7 +213,7 @@ def _fused_blocks(b: _Builder, spec: GPT2Spec, w: Callable[[str], str], hidden: 
     residual = hidden
     for layer in range(spec.n_layer):
         p = f"transformer.h.{layer}."
-        qkv = b.op("MatMul", normed, w(p + "attn.c_attn.weight"))
+        qkv = b.project(normed, p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"])
         q, k, v = (b.fresh(n) for n in "qkv")
         b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
         context = b.fresh("context")
@@ -181,16 +232,47 @@ def _fused_blocks(b: _Builder, spec: GPT2Spec, w: Callable[[str], str], hidden: 
             num_heads=spec.n_head,
             scale=spec.attention_scale(layer),
         )
-        attention = b.op("MatMul", context, w(p + "attn.c_proj.weight"))
+        attention = b.project(context, p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"])
         ln_2 = (w(p + "ln_2.weight"), w(p + "ln_2.bias"), w(p + "attn.c_proj.bias"))
         normed, residual = _skip_layer_norm(b, attention, residual, ln_2, eps)
-        fc = b.op("MatMul", normed, w(p + "mlp.c_fc.weight"))
+        fc = b.project(normed, p + "mlp.c_fc.weight", weights[p + "mlp.c_fc.weight"])
         inner = _fused_activation(b, fc, w(p + "mlp.c_fc.bias"), spec.activation)
-        mlp = b.op("MatMul", inner, w(p + "mlp.c_proj.weight"))
+        mlp = b.project(inner, p + "mlp.c_proj.weight", weights[p + "mlp.c_proj.weight"])
         following = f"transformer.h.{layer + 1}.ln_1." if layer + 1 < spec.n_layer else "transformer.ln_f."
         names = (w(following + "weight"), w(following + "bias"), w(p + "mlp.c_proj.bias"))
         normed, residual = _skip_layer_norm(b, mlp, residual, names, eps)
     return normed
+
+
+def _embedding_and_head(
+    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray]
+) -> tuple[str, Callable[[str], str]]:
+    """The token embeddings of input_ids, and a function from hidden states to logits (before the float32 cast)."""
+    wte = weights["transformer.wte.weight"]
+    head = wte if spec.tied_embeddings else weights["lm_head.weight"]
+    V, E = head.shape
+    if b.int8:
+        data, scales = b.quantized("lm_head" if not spec.tied_embeddings else "transformer.wte", head)
+        if not spec.tied_embeddings:
+            table_data, table_scales = b.quantized("transformer.wte", wte)
+        else:
+            table_data, table_scales = data, scales
+        # Rows of the int8 table: (byte - 128) * the scale of each block, blocks laid end to end, padding cut off.
+        rows = b.op("Cast", b.op("Gather", table_data, bundle.INPUT_IDS), to=b.onnx_dtype)
+        row_scales = b.op("Unsqueeze", b.op("Gather", table_scales, bundle.INPUT_IDS), b.const([-1], np.int64))
+        blocks = b.op("Mul", b.op("Sub", rows, b.const(float(QUANT_ZERO))), row_scales)
+        flat = b.op("Reshape", blocks, b.const([0, 0, -1], np.int64))
+        embedded = b.op("Slice", flat, b.const([0], np.int64), b.const([E], np.int64), b.const([2], np.int64))
+        return embedded, lambda hidden: b.project_blocks(hidden, data, scales, E, V)
+    head_t = b.weight(
+        "lm_head.weight.T" if not spec.tied_embeddings else "transformer.wte.weight.T", head.T.astype(b.np_dtype)
+    )
+    if spec.tied_embeddings:
+        # [n_embd, vocab] serves both: MatMul (fast, prepacked) for the logits, Gather along axis 1 for the input.
+        embedded = b.op("Transpose", b.op("Gather", head_t, bundle.INPUT_IDS, axis=1), perm=[1, 2, 0])
+    else:
+        embedded = b.op("Gather", b.weight("transformer.wte.weight", wte.astype(b.np_dtype)), bundle.INPUT_IDS)
+    return embedded, lambda hidden: b.op("MatMul", hidden, head_t)
 
 
 def build_graph(
@@ -199,13 +281,12 @@ def build_graph(
     dtype: str = "float32",
     *,
     fused: bool = False,
-    separate_lm_head: bool = False,
+    int8: bool = False,
 ):
     """Return the onnx.ModelProto of a GPT-2 with the given transformers-style state dict (numpy arrays).
 
     fused: build the blocks from onnxruntime contrib ops (faster; needs onnxruntime) instead of standard ONNX ops.
-    separate_lm_head: project to the vocabulary with MatMul over its own [n_embd, vocab] copy of the weight rather
-    than Gemm(transB) over the tied embedding, so that dynamic quantisation can quantise the projection too.
+    int8: int8 weights (MatMulNBits) for every projection and the embedding; needs fused and float32.
     """
     from onnx import TensorProto, helper
 
@@ -213,8 +294,10 @@ def build_graph(
         raise ExportError(f"unsupported dtype {dtype!r}; choose float32 or float16")
     if spec.activation not in ACTIVATIONS:
         raise ExportError(f"unsupported activation function {spec.activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    b = _Builder(dtype)
-    H, D, E = spec.n_head, spec.head_dim, spec.n_embd
+    if int8 and (not fused or dtype != "float32"):
+        raise ExportError("int8 weights need the fused graph and float32 activations")
+    b = _Builder(dtype, int8=int8)
+    H, D = spec.n_head, spec.head_dim
 
     def w(name: str) -> str:
         return b.weight(name, weights[name].astype(b.np_dtype))
@@ -237,22 +320,13 @@ def build_graph(
     padding = b.op("Unsqueeze", b.op("Cast", bundle.ATTENTION_MASK, to=TensorProto.BOOL), b.const([1, 2], int64))
     allowed = b.op("And", padding, causal)  # [batch, 1, S, T]
 
-    wte = w("transformer.wte.weight")
-    hidden = b.op(
-        "Add", b.op("Gather", wte, bundle.INPUT_IDS), b.op("Gather", w("transformer.wpe.weight"), bundle.POSITION_IDS)
-    )
-    hidden = (_fused_blocks if fused else _plain_blocks)(b, spec, w, hidden, allowed)
+    embedded, project_to_vocabulary = _embedding_and_head(b, spec, weights)
+    hidden = b.op("Add", embedded, b.op("Gather", w("transformer.wpe.weight"), bundle.POSITION_IDS))
+    hidden = (_fused_blocks if fused else _plain_blocks)(b, spec, weights, w, hidden, allowed)
     # Keep only the last `logits_to_keep` positions (0 keeps all) before the vocabulary projection.
     start = b.op("Unsqueeze", b.op("Neg", bundle.LOGITS_TO_KEEP), scalar_axes)
     kept = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max], int64), b.const([1], int64))
-    head_name = "transformer.wte.weight" if spec.tied_embeddings else "lm_head.weight"
-    if separate_lm_head:
-        logits = b.op("MatMul", kept, b.weight("lm_head.weight.T", weights[head_name].T.astype(b.np_dtype)))
-    else:
-        lm_head = wte if spec.tied_embeddings else w(head_name)
-        flat_logits = b.op("Gemm", b.op("Reshape", kept, b.const([-1, E], int64)), lm_head, transB=1)
-        logits_shape = b.op("Concat", b.op("Shape", kept, start=0, end=2), b.const([spec.vocab_size], int64), axis=0)
-        logits = b.op("Reshape", flat_logits, logits_shape)
+    logits = project_to_vocabulary(kept)
     if dtype == "float32":
         b.op("Identity", logits, outputs=[bundle.LOGITS])
     else:

@@ -92,12 +92,12 @@ def test_manifest_records_graph_choices(bundles: dict[str, Path]) -> None:
     graphs = {name: _manifest_data(folder)["graph"] for name, folder in bundles.items()}
     assert graphs["fused"]["optimizations"] == FUSED_OPS
     assert graphs["plain"]["optimizations"] == []
-    assert graphs["int8"]["optimizations"] == FUSED_OPS
     assert graphs["fp16"]["optimizations"] == FUSED_OPS
     assert graphs["fused"]["quantization"] is None
     quantization = graphs["int8"]["quantization"]
-    assert quantization["method"] == "onnxruntime.quantization.quantize_dynamic"
-    assert quantization["ops"]["MatMulInteger"] == 2 * 4 + 1  # 4 projections per block + the lm_head
+    assert (quantization["weights"], quantization["op"]) == ("int8", "com.microsoft.MatMulNBits")
+    assert quantization["projections"] == 2 * 4 + 1  # 4 projections per block + the lm_head
+    assert graphs["int8"]["optimizations"] == sorted([*FUSED_OPS, "MatMulNBits"])
     assert [graphs[name]["dtype"] for name in ("fused", "int8", "fp16")] == ["float32", "float32", "float16"]
 
 
@@ -201,9 +201,15 @@ def test_gather_rows_model_is_valid_onnx() -> None:
     assert [node.op_type for node in model.graph.node] == ["Gather"] * 3
 
 
-def test_cli_refuses_int8_of_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--dtype", "fp16"], "applies to fp32 weights"), (["--no-optimize"], "builds on the fused graph")],
+)
+def test_cli_refuses_int8_combinations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        export_main(["--random-init", "tiny", "--quantize", "int8", "--dtype", "fp16", "--output", str(tmp_path / "b")])
+        export_main(["--random-init", "tiny", "--quantize", "int8", *flags, "--output", str(tmp_path / "b")])
     assert exit_info.value.code == 2
-    assert "--quantize int8 applies to fp32 weights" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
