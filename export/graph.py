@@ -150,10 +150,33 @@ def _layer_norm(b: _Builder, x: str, weight: str, bias: str, eps: float) -> str:
     return b.op("LayerNormalization", x, weight, bias, axis=-1, epsilon=eps)
 
 
+def _attention_allowed(b: _Builder) -> str:
+    """[batch, 1, S, T] bool: query i (at position P + i) may attend key j when j <= P + i and j is not padding."""
+    from onnx import TensorProto
+
+    int64 = np.int64
+    # Lengths: S new tokens, P past tokens, T = P + S keys.
+    past_len = b.op("Shape", bundle.past_key_name(0), start=2, end=3)
+    seq_len = b.op("Shape", bundle.INPUT_IDS, start=1, end=2)
+    total_len = b.op("Shape", bundle.ATTENTION_MASK, start=1, end=2)
+    zero, one, scalar_axes = b.const(0, int64), b.const(1, int64), b.const([0], int64)
+    past_scalar = b.op("Squeeze", past_len, scalar_axes)
+    query_pos = b.op("Range", past_scalar, b.op("Add", past_scalar, b.op("Squeeze", seq_len, scalar_axes)), one)
+    key_pos = b.op("Range", zero, b.op("Squeeze", total_len, scalar_axes), one)
+    causal = b.op(
+        "LessOrEqual",
+        b.op("Unsqueeze", key_pos, b.const([0], int64)),
+        b.op("Unsqueeze", query_pos, b.const([1], int64)),
+    )
+    padding = b.op("Unsqueeze", b.op("Cast", bundle.ATTENTION_MASK, to=TensorProto.BOOL), b.const([1, 2], int64))
+    return b.op("And", padding, causal)
+
+
 def _plain_blocks(
-    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str, allowed: str
+    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str
 ) -> str:
     """The transformer blocks in standard ONNX ops; returns the final layer norm's output."""
+    allowed = _attention_allowed(b)
     int64 = np.int64
     H, D, E = spec.n_head, spec.head_dim, spec.n_embd
     eps = spec.layer_norm_epsilon
@@ -199,15 +222,15 @@ def _skip_layer_norm(b: _Builder, x: str, residual: str, names: tuple[str, str, 
 
 
 def _fused_blocks(
-    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str, allowed: str
+    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str
 ) -> str:
     """The blocks with onnxruntime contrib ops: MultiHeadAttention (past/present), SkipLayerNormalization with the
     projection biases folded in, FastGelu with the MLP bias; projections through b.project (float or int8).
     Returns the final layer norm's output."""
     E, eps = spec.n_embd, spec.layer_norm_epsilon
-    # An additive mask, shared by all layers: 0 where attention is allowed, a large negative value elsewhere.
-    mask_value = -1e9 if b.np_dtype == np.float32 else -1e4
-    attention_bias = b.op("Where", allowed, b.const(0.0), b.const(mask_value))
+    # Masking inside the op: causal (unidirectional, past included) and padding keys from the [batch, T] mask. This
+    # is measurably faster on CPU than an additive [batch, 1, S, T] bias, and is the classic GPT-2 path on CUDA.
+    key_padding_mask = b.op("Cast", bundle.ATTENTION_MASK, to=b.TensorProto.INT32)
     split_sizes = b.const([E, E, E], np.int64)
     normed = _layer_norm(b, hidden, w("transformer.h.0.ln_1.weight"), w("transformer.h.0.ln_1.bias"), eps)
     residual = hidden
@@ -223,14 +246,15 @@ def _fused_blocks(
             k,
             v,
             w(p + "attn.c_attn.bias"),
+            key_padding_mask,
             "",
-            attention_bias,
             bundle.past_key_name(layer),
             bundle.past_value_name(layer),
             outputs=[context, bundle.present_key_name(layer), bundle.present_value_name(layer)],
             domain=CONTRIB,
             num_heads=spec.n_head,
             scale=spec.attention_scale(layer),
+            unidirectional=1,
         )
         attention = b.project(context, p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"])
         ln_2 = (w(p + "ln_2.weight"), w(p + "ln_2.bias"), w(p + "attn.c_proj.bias"))
@@ -303,28 +327,11 @@ def build_graph(
         return b.weight(name, weights[name].astype(b.np_dtype))
 
     int64 = np.int64
-    # Lengths: S new tokens, P past tokens, T = P + S keys.
-    past_len = b.op("Shape", bundle.past_key_name(0), start=2, end=3)
-    seq_len = b.op("Shape", bundle.INPUT_IDS, start=1, end=2)
-    total_len = b.op("Shape", bundle.ATTENTION_MASK, start=1, end=2)
-    zero, one = b.const(0, int64), b.const(1, int64)
-    scalar_axes = b.const([0], int64)
-    past_scalar = b.op("Squeeze", past_len, scalar_axes)
-    query_pos = b.op("Range", past_scalar, b.op("Add", past_scalar, b.op("Squeeze", seq_len, scalar_axes)), one)
-    key_pos = b.op("Range", zero, b.op("Squeeze", total_len, scalar_axes), one)
-    causal = b.op(
-        "LessOrEqual",
-        b.op("Unsqueeze", key_pos, b.const([0], int64)),
-        b.op("Unsqueeze", query_pos, b.const([1], int64)),
-    )
-    padding = b.op("Unsqueeze", b.op("Cast", bundle.ATTENTION_MASK, to=TensorProto.BOOL), b.const([1, 2], int64))
-    allowed = b.op("And", padding, causal)  # [batch, 1, S, T]
-
     embedded, project_to_vocabulary = _embedding_and_head(b, spec, weights)
     hidden = b.op("Add", embedded, b.op("Gather", w("transformer.wpe.weight"), bundle.POSITION_IDS))
-    hidden = (_fused_blocks if fused else _plain_blocks)(b, spec, weights, w, hidden, allowed)
+    hidden = (_fused_blocks if fused else _plain_blocks)(b, spec, weights, w, hidden)
     # Keep only the last `logits_to_keep` positions (0 keeps all) before the vocabulary projection.
-    start = b.op("Unsqueeze", b.op("Neg", bundle.LOGITS_TO_KEEP), scalar_axes)
+    start = b.op("Unsqueeze", b.op("Neg", bundle.LOGITS_TO_KEEP), b.const([0], int64))
     kept = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max], int64), b.const([1], int64))
     logits = project_to_vocabulary(kept)
     if dtype == "float32":
