@@ -3,7 +3,8 @@
     python benchmarks/profile_decode.py models/random-small [--runs 7] [--new-tokens 50] [--long-prompt 512]
 
 Decode ms/token = (time for N new tokens - time for 1) / (N - 1), median of --runs runs after a warm-up.
-Python overhead per step = (decode wall time - time spent inside onnxruntime's run calls) / steps.
+Python overhead per step = (decode wall time - time spent inside onnxruntime's run calls) / steps; and the same loop
+with the onnxruntime session replaced by a stub that returns fixed outputs at once (pure Python cost per step).
 Cold load = a fresh process that loads the bundle (hashes checked) and produces one token.
 """
 
@@ -53,6 +54,33 @@ def _generate_seconds(model: Any, prompt: list[int], new_tokens: int) -> tuple[f
     return wall, timed.seconds
 
 
+class StubSession:
+    """Stands in for the InferenceSession: returns the same logits and present tensors instantly."""
+
+    def __init__(self, outputs: list[Any]) -> None:
+        self.outputs = outputs
+
+    def run(self, output_names: list[str], feed: dict[str, Any], run_options: Any = None) -> list[Any]:
+        return self.outputs
+
+
+def python_ms_per_step(model: Any, new_tokens: int, runs: int) -> float:
+    """Per-step cost of the greedy loop itself: generate() with the session stubbed out (medians of `runs`)."""
+    session = model.session
+    logits, past = session.forward([PROMPT], [[1] * len(PROMPT)], [list(range(len(PROMPT)))], session.empty_cache(1))
+    real = session.session
+    session.session = StubSession([logits, *[t for pair in zip(past.keys, past.values, strict=True) for t in pair]])
+    try:
+        samples = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            model.generate(input_ids=PROMPT, max_new_tokens=new_tokens)
+            samples.append((time.perf_counter() - start) * 1000 / new_tokens)
+    finally:
+        session.session = real
+    return statistics.median(samples[1:])
+
+
 def cold_load_seconds(bundle: str, provider: str) -> float:
     """Seconds from a fresh interpreter's start to the first generated token (import, hash check, load, prefill)."""
     code = (
@@ -80,6 +108,7 @@ def profile(bundle: str, runs: int, new_tokens: int, long_prompt: int, provider:
         decode.append((many_wall - one_wall) * 1000 / steps)
         overhead.append(((many_wall - many_ort) - (one_wall - one_ort)) * 1000 / steps)
         first_long.append(_generate_seconds(model, long, 1)[0] * 1000)
+    stubbed = python_ms_per_step(model, new_tokens, runs)
     cold = [cold_load_seconds(bundle, provider) for _ in range(3)]
     graph = model.manifest.data["graph"]
     return {
@@ -90,6 +119,7 @@ def profile(bundle: str, runs: int, new_tokens: int, long_prompt: int, provider:
         "provider": model.provider,
         "decode_ms_per_token": statistics.median(decode),
         "python_overhead_ms_per_step": statistics.median(overhead),
+        "python_ms_per_step_session_stubbed": stubbed,
         f"first_token_after_{long_prompt}_ms": statistics.median(first_long),
         "cold_load_and_first_token_s": statistics.median(cold),
         "runs": runs,
