@@ -126,6 +126,21 @@ def test_fused_fp32_logits_match_pytorch(bundles: dict[str, Path], torch_model: 
     assert np.max(np.abs(logits[real] - reference[real])) <= 1e-4 * max(1.0, np.max(np.abs(reference[real])))
 
 
+def test_fused_attention_masks_match_plain_graph_with_past(bundles: dict[str, Path]) -> None:
+    """Padding and causal masking inside MultiHeadAttention: a left-padded prompt, then a 3-token chunk on its past."""
+    sessions = [DecoderSession(read_manifest(bundles[name]), provider="cpu") for name in ("fused", "plain")]
+    batch = PaddedBatch.from_rows(ROWS, pad_token_id=0)
+    positions = position_ids_from_mask(batch.attention_mask)
+    chunk = np.array([[11, 12, 13], [21, 22, 23]])
+    mask = np.concatenate([batch.attention_mask, np.ones_like(chunk)], axis=1)
+    results = []
+    for session in sessions:
+        _, past = session.forward(batch.input_ids, batch.attention_mask, positions, session.empty_cache(2))
+        logits, _ = session.forward(chunk, mask, positions[:, -1:] + np.arange(1, 4), past, logits_to_keep=0)
+        results.append(logits)
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["fused", "plain"])
 def test_fp32_greedy_equals_transformers(bundles: dict[str, Path], torch_model: Any, variant: str) -> None:
     model = gpt2onnx.load(bundles[variant], provider="cpu")
