@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2onnx.runtime import bundle
-from gpt2onnx.runtime.errors import ExportError
+from gpt2onnx.runtime.errors import ExportError, InvalidInputError
 
 from .checkpoint import Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
 from .graph import OPSET, build_graph
@@ -102,7 +102,7 @@ def _place(staging: Path, output: Path, force: bool) -> None:
     """Move the finished staging folder to output; an existing output is replaced only with force."""
     if output.exists():
         if not force:
-            raise ExportError(f"output folder {output} already exists; pass --force to replace it")
+            raise InvalidInputError(f"output folder {output} already exists; pass --force to replace it")
         retired = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(retired)
         staging.rename(output)
@@ -131,11 +131,11 @@ def export_bundle(
     progress = progress or Progress(enabled=False)
     _require_export_dependencies()
     if dtype not in DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
+        raise InvalidInputError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
     graph_dtype = DTYPES[dtype]
     output = Path(output) if output is not None else default_output(model, random_init)
     if output.exists() and not force:
-        raise ExportError(f"output folder {output} already exists; pass --force to replace it")
+        raise InvalidInputError(f"output folder {output} already exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
