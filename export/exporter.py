@@ -98,6 +98,24 @@ def _write_manifest(folder: Path, data: dict[str, Any]) -> None:
     (folder / bundle.MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def _remove_stale_staging(output: Path) -> None:
+    """Delete staging folders that killed exports (kill -9, power loss) left beside output."""
+    for folder in output.parent.glob(f".{output.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _place(staging: Path, output: Path, force: bool) -> None:
     """Move the finished staging folder to output; an existing output is replaced only with force."""
     if output.exists():
@@ -137,8 +155,8 @@ def export_bundle(
     if output.exists() and not force:
         raise InvalidInputError(f"output folder {output} already exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         with progress.step(f"loading {'random ' + random_init + ' GPT-2' if random_init else model}"):
