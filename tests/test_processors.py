@@ -7,22 +7,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from gpt2onnx.runtime.options import GenerationOptions
-from gpt2onnx.runtime.processors import (
-    BadWords,
-    LogitsProcessorChain,
-    MinNewTokens,
-    MinP,
-    NoRepeatNGram,
-    RepetitionPenalty,
-    Temperature,
-    TopK,
-    TopP,
-    TypicalP,
-    build_logits_processors,
-    log_softmax,
-    softmax,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -39,6 +23,23 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
+)
+
+from gpt2onnx.runtime.options import GenerationOptions
+from gpt2onnx.runtime.processors import (
+    BadWords,
+    LogitsProcessorChain,
+    MinNewTokens,
+    MinP,
+    NoRepeatNGram,
+    RepetitionPenalty,
+    Temperature,
+    TopK,
+    TopP,
+    TypicalP,
+    build_logits_processors,
+    log_softmax,
+    softmax,
 )
 
 VOCAB = 512
