@@ -17,7 +17,8 @@ import numpy as np
 
 from .generation import PaddedBatch, ScoresProcessor, StoppingCriterion, position_ids_from_mask
 from .options import GenerationOptions
-from .search import Continuation, Sampler, log_softmax, top_k
+from .processors import log_softmax
+from .search import Continuation, Sampler, top_k
 from .session import DecoderSession
 
 NEG = np.float32(-1.0e9)
