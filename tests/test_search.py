@@ -9,6 +9,7 @@ import pytest
 import torch
 from _search_fixtures import Pair, prompt_rows, random_pair, reference_beams, torch_step_logprobs
 
+from gpt2onnx.runtime.outputs import GenerationOutput
 from gpt2onnx.runtime.search import top_k
 from reference import reference_generate
 
@@ -29,6 +30,25 @@ def eos_seen_midway(pair: Pair, rows: list[list[int]]) -> int:
     return free_run.results[0].sequences[0].generated_token_ids[3]
 
 
+def assert_beams_equal_transformers(pair: Pair, rows: list[list[int]], pad: int, **options) -> GenerationOutput:
+    """Beam search's returned sequences, scores and finish reasons are transformers' (which fills with pad)."""
+    output = pair.model.generate(input_ids=rows, pad_token_id=pad, **options)
+    expected_tokens, expected_scores = reference_beams(pair.torch_model, rows, pad, do_sample=False, **options)
+    eos = options["eos_token_id"] if isinstance(options["eos_token_id"], list) else [options["eos_token_id"]]
+    width = max(len(sequence.generated_token_ids) for sequence in output.sequences)
+    for sequence, tokens, score in zip(output.sequences, expected_tokens, expected_scores, strict=True):
+        generated = sequence.generated_token_ids
+        assert generated + [pad] * (width - len(generated)) == tokens
+        assert sequence.score == pytest.approx(score, abs=1e-4)
+        ended_by_eos = generated[-1] in eos
+        assert sequence.finish_reason == ("stop" if ended_by_eos else "length")
+        assert ended_by_eos or len(generated) == options["max_new_tokens"]
+    for result in output.results:
+        scores = [sequence.score for sequence in result.sequences]
+        assert scores == sorted(scores, reverse=True)
+    return output
+
+
 @pytest.mark.parametrize(("name", "num_beams", "length_penalty", "early_stopping"), CASES)
 def test_beam_search_equals_transformers(name: str, num_beams: int, length_penalty: float, early_stopping) -> None:
     pair = random_pair(name)
@@ -42,20 +62,7 @@ def test_beam_search_equals_transformers(name: str, num_beams: int, length_penal
         "num_return_sequences": min(num_beams, 3),
         "eos_token_id": eos,
     }
-    output = pair.model.generate(input_ids=rows, pad_token_id=pad, **options)
-    expected_tokens, expected_scores = reference_beams(pair.torch_model, rows, pad, do_sample=False, **options)
-    sequences = output.sequences
-    width = max(len(sequence.generated_token_ids) for sequence in sequences)
-    for sequence, tokens, score in zip(sequences, expected_tokens, expected_scores, strict=True):
-        generated = sequence.generated_token_ids
-        assert generated + [pad] * (width - len(generated)) == tokens  # transformers fills short beams with pad
-        assert sequence.score == pytest.approx(score, abs=1e-4)
-        ended_by_eos = generated[-1] == eos
-        assert sequence.finish_reason == ("stop" if ended_by_eos else "length")
-        assert ended_by_eos or len(generated) == NEW_TOKENS
-    for result in output.results:
-        scores = [sequence.score for sequence in result.sequences]
-        assert scores == sorted(scores, reverse=True)
+    assert_beams_equal_transformers(pair, rows, pad, **options)
 
 
 def test_beam_grid_exercises_eos_and_early_stopping() -> None:
@@ -89,12 +96,20 @@ def test_beam_search_with_processors_equals_transformers(name: str) -> None:
         "no_repeat_ngram_size": 2,
         "repetition_penalty": 1.3,
     }
-    output = pair.model.generate(input_ids=rows, pad_token_id=pad, **options)
-    expected_tokens, expected_scores = reference_beams(pair.torch_model, rows, pad, do_sample=False, **options)
-    width = max(len(sequence.generated_token_ids) for sequence in output.sequences)
-    for sequence, tokens, score in zip(output.sequences, expected_tokens, expected_scores, strict=True):
-        assert sequence.generated_token_ids + [pad] * (width - len(sequence.generated_token_ids)) == tokens
-        assert sequence.score == pytest.approx(score, abs=1e-4)
+    assert_beams_equal_transformers(pair, rows, pad, **options)
+
+
+def test_beam_search_with_two_eos_ids_equals_transformers() -> None:
+    """Two EOS ids widen each step's candidates to (1 + 2) * num_beams, as in transformers."""
+    pair = random_pair("wide")
+    rows = prompt_rows(pair.vocab_size, (7, 3, 5), seed=2)
+    free = pair.model.generate(input_ids=rows, max_new_tokens=NEW_TOKENS, eos_token_id=pair.vocab_size - 1)
+    eos = [free.sequences[0].generated_token_ids[3], free.sequences[1].generated_token_ids[6]]
+    pad = pair.vocab_size - 1
+    options = {"max_new_tokens": NEW_TOKENS, "num_beams": 3, "num_return_sequences": 3, "eos_token_id": eos}
+    output = assert_beams_equal_transformers(pair, rows, pad, **options)
+    ended = {sequence.generated_token_ids[-1] for sequence in output.sequences if sequence.finish_reason == "stop"}
+    assert ended == set(eos)
 
 
 @pytest.mark.parametrize("name", ["narrow", "wide", "deep"])
