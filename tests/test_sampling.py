@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _search_fixtures import Pair, chi_square, chi_square_critical, prompt_rows, random_pair, torch_step_logprobs
 
+from _search_fixtures import Pair, chi_square, chi_square_critical, prompt_rows, random_pair, torch_step_logprobs
 from gpt2onnx.runtime.search import Sampler
 
 DRAWS = 4000
