@@ -90,10 +90,14 @@ class GenerationOptions:
         if not any(self.early_stopping is value for value in EARLY_STOPPING_VALUES):
             raise InvalidInputError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         _int(self.num_return_sequences, "num_return_sequences", 1)
-        if self.num_return_sequences > self.num_beams and not self.do_sample:
+        if self.num_return_sequences > self.num_beams and self.num_beams > 1:
             raise InvalidInputError(
-                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams}) "
-                "unless sampling"
+                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams})"
+            )
+        if self.num_return_sequences > 1 and self.num_beams == 1 and not self.do_sample:
+            raise InvalidInputError(
+                f"num_return_sequences ({self.num_return_sequences}) > 1 needs do_sample=True or num_beams >= "
+                f"{self.num_return_sequences}: greedy search has only one answer"
             )
         if self.seed is not None:
             _int(self.seed, "seed", 0)
