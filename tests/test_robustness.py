@@ -109,8 +109,11 @@ def test_threads_share_one_model_and_get_their_own_results(tiny_gpt2: RandomGPT2
         ({"prompt": ["a", "longer prompt here"], "max_new_tokens": 9}),
         ({"prompt": "naïve café 🤖", "max_new_tokens": 15, "min_new_tokens": 15}),
         ({"prompt": "x", "max_new_tokens": 7, "repetition_penalty": 1.3}),
+        ({"prompt": ["beam", "search, batched"], "max_new_tokens": 8, "num_beams": 4, "num_return_sequences": 2}),
+        ({"prompt": "beam sampling", "max_new_tokens": 8, "num_beams": 5, "do_sample": True, "seed": 3}),
+        ({"prompt": "sampling", "max_new_tokens": 10, "do_sample": True, "top_p": 0.9, "seed": 1}),
     ] * 2
-    expected = [model.generate(**job).to_dict()["results"] for job in jobs]
+    expected = [model.generate(**job).to_dict()["results"] for job in jobs]  # each call alone, in sequence
     results: list = [None] * len(jobs)
     barrier = threading.Barrier(len(jobs))
 
