@@ -237,7 +237,8 @@ def test_logprobs_in_openai_format(server: Server, model: GPT2Model) -> None:
     assert {key: len(value) for key, value in logprobs.items()} == dict.fromkeys(
         ("tokens", "token_logprobs", "top_logprobs", "text_offset"), count
     )
-    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+    columns = (logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"])
+    for token, logprob, top in zip(*columns, strict=True):
         assert top[token] == logprob == max(top.values())  # greedy: the chosen token is the best one
         assert len(top) <= 4 and all(value <= 0 for value in top.values())
     offsets = logprobs["text_offset"]
@@ -354,15 +355,17 @@ def test_a_client_that_leaves_stops_its_generation(server: Server) -> None:
     """A stream whose client disconnects stops at the next token; a queued request whose client left never runs."""
     before = server.wait_until(lambda metrics: metrics["running"] == 0 and metrics["queued"] == 0)
     request = {"model": server.model_id, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0}
-    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
-        with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
-            assert response.status_code == 200
-            lines = response.iter_lines()  # held: dropping a half-read iterator closes the connection
-            assert next(lines).startswith("data: {")  # generating now
-            with pytest.raises(httpx.ReadTimeout):  # queued behind the stream; its client gives up
-                client.post("/v1/completions", json=request, timeout=0.5)
-            server.wait_until(lambda metrics: metrics["cancelled"] == before["cancelled"] + 1)
-        # Leaving the block closes the stream's connection mid-generation.
+    with (
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
+        client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()  # held: dropping a half-read iterator closes the connection
+        assert next(lines).startswith("data: {")  # generating now
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the stream; its client gives up
+            client.post("/v1/completions", json=request, timeout=0.5)
+        server.wait_until(lambda metrics: metrics["cancelled"] == before["cancelled"] + 1)
+    # Leaving the block closes the stream's connection mid-generation.
     after = server.wait_until(lambda metrics: metrics["cancelled"] == before["cancelled"] + 2)
     assert after["completed"] == before["completed"]
     assert server.wait_until(lambda metrics: metrics["running"] == 0)["failed"] == before["failed"]
