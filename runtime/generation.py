@@ -11,6 +11,7 @@ from .session import DecoderSession
 
 TokenChooser = Callable[[np.ndarray], np.ndarray]
 ScoresProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+StoppingCriterion = Callable[[np.ndarray], np.ndarray]  # sequences [rows, length] -> bool [rows]: stop these rows
 
 
 @dataclass
@@ -42,11 +43,6 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 0, positions).astype(np.int64)
 
 
-def greedy_choice(scores: np.ndarray) -> np.ndarray:
-    """The highest-scoring token of each row (first one on ties, as torch.argmax)."""
-    return np.argmax(scores, axis=-1).astype(np.int64)
-
-
 @dataclass
 class Step:
     """One decode step's outcome for the whole batch."""
@@ -65,8 +61,9 @@ def token_steps(
     choose: TokenChooser,
     eos_token_ids: Sequence[int],
     pad_token_id: int,
+    stopping: StoppingCriterion | None = None,
 ) -> Iterator[Step]:
-    """Yield one Step per generated token until every row has hit EOS or max_new_tokens is reached.
+    """Yield one Step per generated token until every row has hit EOS (or `stopping`) or max_new_tokens is reached.
 
     Finished rows keep being fed the pad token with attention 1, exactly as transformers' generate does, so that
     every row's tokens equal what transformers produces for the same batch.
@@ -86,6 +83,9 @@ def token_steps(
         tokens = np.where(finished, pad_token_id, choose(scores))
         sequences[:, length] = tokens
         finished = finished | np.isin(tokens, eos)
+        if stopping is not None:
+            active = np.flatnonzero(~finished)
+            finished[active] |= stopping(sequences[active, : length + 1])
         yield Step(tokens, scores, raw, finished.copy())
         if finished.all() or step + 1 == max_new_tokens:
             return

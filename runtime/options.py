@@ -87,10 +87,10 @@ class GenerationOptions:
         if not any(self.early_stopping is value for value in EARLY_STOPPING_VALUES):
             raise InvalidInputError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         _int(self.num_return_sequences, "num_return_sequences", 1)
-        if self.num_return_sequences > self.num_beams and not self.do_sample:
+        if self.num_return_sequences > self.num_beams and (self.num_beams > 1 or not self.do_sample):
             raise InvalidInputError(
                 f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams}) "
-                "unless sampling"
+                "unless sampling without beams"
             )
         if self.seed is not None:
             _int(self.seed, "seed", 0)
