@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -21,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Channel, Engine, Overloaded, relay
+from .engine import Engine, Overloaded, Relay
 from .protocol import (
     MAX_SEQUENCES,
     Choice,
@@ -38,7 +37,6 @@ from .protocol import (
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
-END_OF_STREAM = object()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -72,32 +70,23 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8) -> Starl
     async def completions(request: Request) -> Response:
         parsed = parse_completion_request(await read_json(request), model.name)
         rows = await run_in_threadpool(prepare, model, parsed)
+        prompt_tokens = sum(map(len, rows))
         answer = partial(completion_body, f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name)
         if parsed.token_by_token:
-            cancel = threading.Event()
-            channel = Channel(asyncio.get_running_loop())
-            pieces = partial(model.stream, input_ids=rows[0], **parsed.options)
-            job = engine.submit(lambda: relay(pieces(), cancel, channel.send))
-            job.add_done_callback(lambda _: channel.send(END_OF_STREAM))
-            return event_stream(text_events(channel, job, cancel, answer))
-        job = engine.submit(
-            lambda: choices_of(model.generate(input_ids=rows, **parsed.options), model.tokenizer, want_pieces(parsed))
-        )
+            pieces = Relay(engine, partial(model.stream, input_ids=rows[0], **parsed.options))
+            return event_stream(text_events(pieces, answer))
+        job = engine.submit(partial(generate_choices, model, rows, parsed))
         if parsed.stream:
-            return event_stream(choice_events(parsed, job, answer, sum(map(len, rows))))
+            return event_stream(choice_events(parsed, job, answer, prompt_tokens))
         choices = await unless_disconnected(request, job)
         if choices is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         with_logprobs = parsed.logprobs is not None
-        return JSONResponse(
-            answer(
-                [
-                    choice_body(c.index, c.text, c.finish_reason, logprobs_body(c.pieces) if with_logprobs else None)
-                    for c in choices
-                ],
-                usage_body(sum(map(len, rows)), choices),
-            )
-        )
+        bodies = [
+            choice_body(c.index, c.text, c.finish_reason, logprobs_body(c.pieces) if with_logprobs else None)
+            for c in choices
+        ]
+        return JSONResponse(answer(bodies, usage_body(prompt_tokens, choices)))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -147,9 +136,10 @@ def prepare(model: GPT2Model, parsed: CompletionRequest) -> list[list[int]]:
     return rows
 
 
-def want_pieces(parsed: CompletionRequest) -> bool:
-    """Whether choices need per-token pieces: for logprobs, and to send a finished result as a stream."""
-    return parsed.stream or parsed.logprobs is not None
+def generate_choices(model: GPT2Model, rows: list[list[int]], parsed: CompletionRequest) -> list[Choice]:
+    """Run generate() (on a worker thread) and cut its sequences into choices; per-token pieces to stream or score."""
+    output = model.generate(input_ids=rows, **parsed.options)
+    return choices_of(output, model.tokenizer, with_pieces=parsed.stream or parsed.logprobs is not None)
 
 
 async def read_json(request: Request) -> Any:
@@ -189,18 +179,15 @@ async def unless_disconnected(request: Request, job: asyncio.Future[list[Choice]
     return job.result()
 
 
-async def text_events(
-    channel: Channel, job: asyncio.Future[None], cancel: threading.Event, answer: partial[dict[str, Any]]
-) -> AsyncGenerator[dict[str, Any], None]:
-    """Chunks of one streamed choice as model.stream() yields text; stops the generation if the client leaves."""
+async def text_events(pieces: Relay[str], answer: partial[dict[str, Any]]) -> AsyncGenerator[dict[str, Any], None]:
+    """Chunks of one choice as model.stream() yields its text; stops the generation if the client leaves."""
     try:
-        while (piece := await channel.receive()) is not END_OF_STREAM:
+        async for piece in pieces:
             yield answer([choice_body(0, piece, None, None)], None)
-        if job.cancelled() or job.exception() is not None:
-            yield failure(job)
+        if pieces.job.cancelled() or pieces.job.exception() is not None:
+            yield failure(pieces.job)
     finally:
-        cancel.set()
-        job.cancel()
+        pieces.close()
 
 
 async def choice_events(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+_END = object()
 
 
 class Overloaded(Exception):
@@ -96,29 +98,37 @@ class Engine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def relay(pieces: Iterator[T], cancel: threading.Event, send: Callable[[T], None]) -> None:
-    """Pass each item to `send` until the iterator ends; stop (and close it) once `cancel` is set."""
-    try:
-        for piece in pieces:
-            if cancel.is_set():
-                raise Cancelled
-            send(piece)
-    finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            close()
+class Relay(Generic[T]):
+    """Items of an iterator that runs on a worker thread, received in order on the event loop.
 
+    The worker checks a cancellation flag before passing each item on: close() stops the iterator at its next item
+    (and drops it altogether if it has not started).
+    """
 
-class Channel:
-    """Items sent from a worker thread, received in order on the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self, engine: Engine, make: Callable[[], Iterator[T]]) -> None:
+        self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._cancel = threading.Event()
+        self.job: asyncio.Future[None] = engine.submit(partial(self._run, make))
+        self.job.add_done_callback(lambda _: self._queue.put_nowait(_END))
 
-    def send(self, item: Any) -> None:
-        """Thread-safe."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+    def _run(self, make: Callable[[], Iterator[T]]) -> None:
+        items = make()
+        try:
+            for item in items:
+                if self._cancel.is_set():
+                    raise Cancelled
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
-    async def receive(self) -> Any:
-        return await self._queue.get()
+    async def __aiter__(self) -> AsyncIterator[T]:
+        """The items until the iterator ends (check `job` afterwards for how it ended)."""
+        while (item := await self._queue.get()) is not _END:
+            yield item
+
+    def close(self) -> None:
+        self._cancel.set()
+        self.job.cancel()
