@@ -124,11 +124,11 @@ def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
     prompts, input_ids = _prompt(body.get("prompt"))
     stream = _flag(body.get("stream"), "stream")
     include_usage = _stream_options(body.get("stream_options"), stream)
-    n = body.get("n", 1) if body.get("n") is not None else 1
+    n = _field(body, "n", 1)
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise RequestError("best_of is supported only equal to n", param="best_of", code="unsupported")
-    temperature = body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0
+    temperature = _field(body, "temperature", 1.0)
     greedy = _is_number(temperature) and temperature == 0
     if _is_number(temperature) and temperature < 0:
         raise RequestError(f"temperature must be >= 0 (0 means greedy), got {temperature}", param="temperature")
@@ -140,10 +140,10 @@ def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
     if _is_int(logprobs) and logprobs > MAX_LOGPROBS:
         raise RequestError(f"logprobs must be <= {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
     options: dict[str, Any] = {
-        "max_new_tokens": body["max_tokens"] if body.get("max_tokens") is not None else DEFAULT_MAX_TOKENS,
+        "max_new_tokens": _field(body, "max_tokens", DEFAULT_MAX_TOKENS),
         "do_sample": not greedy,
         "top_p": body.get("top_p"),
-        "top_k": body["top_k"] if body.get("top_k") is not None else 0,  # OpenAI samples from the whole vocabulary
+        "top_k": _field(body, "top_k", 0),  # OpenAI samples from the whole vocabulary
         "num_return_sequences": n,
         "seed": body.get("seed"),
         "stop": _stop(body.get("stop")),
@@ -164,6 +164,12 @@ def option_error(error: InvalidInputError) -> RequestError:
     if field_name is None:
         return RequestError(message)
     return RequestError(field_name + message[len(option) :], param=field_name)
+
+
+def _field(body: dict[str, Any], name: str, default: Any) -> Any:
+    """A field's value; absent and null both mean the default, as in OpenAI's API."""
+    value = body.get(name)
+    return default if value is None else value
 
 
 def _prompt(prompt: Any) -> tuple[list[str] | None, list[list[int]] | None]:
