@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,13 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     argv = ["--random-init", "tiny", "--tokenizer", str(TOKENIZER_DIR), "--output", str(output), "--quiet"]
     assert export(argv) == 0
     return output
+
+
+@pytest.fixture(scope="session")
+def without_torch() -> Callable[[str], list[str]]:
+    """A command running Python code in a fresh interpreter where importing torch or transformers fails."""
+
+    def command(code: str) -> list[str]:
+        return [sys.executable, "-c", f"import sys; sys.modules.update(torch=None, transformers=None); {code}"]
+
+    return command

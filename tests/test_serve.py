@@ -10,7 +10,6 @@ import json
 import math
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,11 +70,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory, without_torch: Callable[[str], list[str]]
+) -> Iterator[Server]:
+    """gpt2-serve in a subprocess where torch and transformers cannot be imported."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     command = [
-        *(sys.executable, "-m", "gpt2onnx.serve.command", "--model", str(tiny_bundle), "--port", str(port)),
+        *without_torch("from gpt2onnx.serve.command import main; sys.exit(main())"),
+        *("--model", str(tiny_bundle), "--port", str(port)),
         *("--workers", str(WORKERS), "--queue-size", str(QUEUE_SIZE), "--threads", "1", "--log-level", "warning"),
     ]
     url = f"http://127.0.0.1:{port}"
