@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError
 

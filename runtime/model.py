@@ -88,6 +88,8 @@ class GPT2Model:
         if (prompt is None) == (input_ids is None):
             raise InvalidInputError("give either a prompt (text or list of texts) or input_ids, not both or neither")
         if prompt is not None:
+            if not isinstance(prompt, (str, list, tuple)):
+                raise InvalidInputError(f"a prompt must be a string or a list of strings, got {type(prompt).__name__}")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if not prompts:
                 raise InvalidInputError("the list of prompts is empty")

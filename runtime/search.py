@@ -46,18 +46,20 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
 def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest entries of each row of a 2-D array and their indices, best first; ties go to the lower index.
 
-    O(n) per row (a partition, not a sort of the whole row).
+    A few passes over the row, no sort of it: the k-th largest of many block maxima bounds the k-th largest entry
+    from below, so only the entries at or above that bound (usually few) are sorted.
     """
     rows, width = values.shape
     k = min(k, width)
-    kth = np.partition(values, width - k, axis=1)[:, width - k : width - k + 1]  # the k-th largest of each row
-    above = values > kth
-    equal = values == kth
-    keep = above | (equal & (np.cumsum(equal, axis=1) <= k - above.sum(axis=1, keepdims=True)))
-    indices = np.nonzero(keep)[1].reshape(rows, k)
-    chosen = np.take_along_axis(values, indices, axis=1)
-    order = np.argsort(-chosen, axis=1, kind="stable")
-    return np.take_along_axis(chosen, order, axis=1), np.take_along_axis(indices, order, axis=1)
+    blocks = min(width, 32 * k)
+    maxima = np.maximum.reduceat(values, (np.arange(blocks) * width) // blocks, axis=1)
+    bound = np.partition(maxima, blocks - k, axis=1)[:, blocks - k]
+    row, column = np.nonzero(values >= bound[:, None])
+    found = values[row, column]
+    order = np.lexsort((column, -found, row))  # by row, then best first, then lower index
+    counts = np.bincount(row, minlength=rows)
+    take = (np.cumsum(counts) - counts)[:, None] + np.arange(k)
+    return found[order][take], column[order][take]
 
 
 def greedy_choice(scores: np.ndarray) -> np.ndarray:
@@ -73,8 +75,8 @@ class Sampler:
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         """One token per row."""
-        probabilities = np.exp(log_softmax(scores).astype(np.float64))
-        cumulative = np.cumsum(probabilities, axis=-1)
+        probabilities = np.exp(log_softmax(scores))
+        cumulative = np.cumsum(probabilities, axis=-1, dtype=np.float64)
         total = cumulative[:, -1]
         # The first index whose cumulative mass passes u * total (kept below total): probability-0 tokens never win.
         targets = np.minimum(self.rng.random(scores.shape[0]) * total, np.nextafter(total, 0))
@@ -86,8 +88,8 @@ class Sampler:
         The exponential race (largest p_i / E_i first, E_i ~ Exp(1)) is sequential weighted sampling without
         replacement, the distribution of torch.multinomial(..., replacement=False).
         """
-        probabilities = np.exp(log_softmax(scores).astype(np.float64))
-        keys = probabilities / self.rng.standard_exponential(probabilities.shape)
+        probabilities = np.exp(log_softmax(scores))
+        keys = probabilities / self.rng.standard_exponential(probabilities.shape)  # float64: never 0 in practice
         return top_k(keys, count)[1]
 
 

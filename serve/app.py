@@ -11,14 +11,15 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-from gpt2onnx.runtime.errors import InvalidInputError
-from gpt2onnx.runtime.model import GPT2Model
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from gpt2onnx.runtime.errors import InvalidInputError
+from gpt2onnx.runtime.model import GPT2Model
 
 from .engine import Engine, Overloaded, Relay
 from .protocol import (

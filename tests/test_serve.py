@@ -10,16 +10,19 @@ import json
 import math
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import gpt2onnx
 import httpx
 import openai
 import pytest
+from test_runtime_without_torch import BLOCKER
+
+import gpt2onnx
+from conftest import RandomGPT2
 from gpt2onnx.runtime.model import GPT2Model
 
 WORKERS, QUEUE_SIZE = 1, 1
@@ -70,15 +73,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(
-    tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory, without_torch: Callable[[str], list[str]]
-) -> Iterator[Server]:
-    """gpt2-serve in a subprocess where torch and transformers cannot be imported."""
+def server(tiny_gpt2: RandomGPT2, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """gpt2-serve in a subprocess where torch, transformers and the like cannot be imported."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     command = [
-        *without_torch("from gpt2onnx.serve.command import main; sys.exit(main())"),
-        *("--model", str(tiny_bundle), "--port", str(port)),
+        *(sys.executable, "-c", BLOCKER, "gpt2onnx.serve.command"),
+        *("--model", str(tiny_gpt2.bundle), "--port", str(port)),
         *("--workers", str(WORKERS), "--queue-size", str(QUEUE_SIZE), "--threads", "1", "--log-level", "warning"),
     ]
     url = f"http://127.0.0.1:{port}"
@@ -105,9 +106,9 @@ def server(
 
 
 @pytest.fixture(scope="module")
-def model(tiny_bundle: Path) -> GPT2Model:
+def model(tiny_gpt2: RandomGPT2) -> GPT2Model:
     """The same bundle through the Python API: what the server's answers must equal."""
-    return gpt2onnx.load(tiny_bundle, threads=1)
+    return gpt2onnx.load(tiny_gpt2.bundle, threads=1)
 
 
 def joined(events: list[dict[str, Any]]) -> dict[int, str]:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import gpt2onnx
+from conftest import RandomGPT2
 
 PROMPT = "Artificial intelligence"
 
 
-def test_concurrent_calls_give_what_the_same_calls_give_one_at_a_time(tiny_bundle: Path) -> None:
-    model = gpt2onnx.load(tiny_bundle, threads=1)
+def test_concurrent_calls_give_what_the_same_calls_give_one_at_a_time(tiny_gpt2: RandomGPT2) -> None:
+    model = gpt2onnx.load(tiny_gpt2.bundle, threads=1)
     calls: list[Callable[[], Any]] = [
         lambda: model.generate(PROMPT, max_new_tokens=30).texts,
         lambda: model.generate(["Hello", PROMPT], max_new_tokens=30, do_sample=True, seed=1).texts,
