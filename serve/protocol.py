@@ -136,6 +136,9 @@ def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
         raise RequestError(
             "n > 1 needs sampling: with temperature 0 every choice would be the same greedy text", param="n"
         )
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
     logprobs = body.get("logprobs")
     if _is_int(logprobs) and logprobs > MAX_LOGPROBS:
         raise RequestError(f"logprobs must be <= {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
@@ -146,7 +149,7 @@ def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
         "top_k": _field(body, "top_k", 0),  # OpenAI samples from the whole vocabulary
         "num_return_sequences": n,
         "seed": body.get("seed"),
-        "stop": _stop(body.get("stop")),
+        "stop": stop,
         "repetition_penalty": body.get("repetition_penalty"),
     }
     if not greedy:
@@ -188,18 +191,6 @@ def _prompt(prompt: Any) -> tuple[list[str] | None, list[list[int]] | None]:
     if all(isinstance(row, list) and row and all(_is_int(item) for item in row) for row in prompt):
         return None, prompt
     raise RequestError(f"prompt must be {shapes}", param="prompt")
-
-
-def _stop(stop: Any) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(text, str) for text in stop):
-        raise RequestError("stop must be a string or a list of strings", param="stop")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
-    return tuple(stop)
 
 
 def _flag(value: Any, name: str) -> bool:
