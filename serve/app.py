@@ -41,25 +41,29 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8) -> Starlette:
-    """The server for one loaded model: `workers` generations at a time, `queue_size` more waiting, 503 beyond."""
+def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id: str | None = None) -> Starlette:
+    """The server for one loaded model: `workers` generations at a time, `queue_size` more waiting, 503 beyond.
+
+    model_id: the id the API shows and accepts (default: the bundle's source model, model.name).
+    """
     engine = Engine(workers, queue_size)
     created = int(time.time())
+    model_id = model_id or model.name
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": model.name, "provider": model.provider})
+        return JSONResponse({"status": "ok", "model": model_id, "provider": model.provider})
 
     async def metrics(request: Request) -> Response:
         return JSONResponse(engine.snapshot())
 
     def model_card() -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "created": created, "owned_by": "gpt2-onnx"}
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "gpt2-onnx"}
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [model_card()]})
 
     async def get_model(request: Request) -> Response:
-        if request.path_params["model_id"] != model.name:
+        if request.path_params["model_id"] != model_id:
             raise RequestError(
                 f"the model {request.path_params['model_id']!r} does not exist",
                 param="model",
@@ -69,10 +73,10 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8) -> Starl
         return JSONResponse(model_card())
 
     async def completions(request: Request) -> Response:
-        parsed = parse_completion_request(await read_json(request), model.name)
+        parsed = parse_completion_request(await read_json(request), model_id)
         rows = await run_in_threadpool(prepare, model, parsed)
         prompt_tokens = sum(map(len, rows))
-        answer = partial(completion_body, f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name)
+        answer = partial(completion_body, f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_id)
         if parsed.token_by_token:
             pieces = Relay(engine, partial(model.stream, input_ids=rows[0], **parsed.options))
             return event_stream(text_events(pieces, answer))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import sys
 
 from gpt2onnx import __version__
-from gpt2onnx.cli.common import EXIT_FAILURE, ArgumentParser, non_negative_int, positive_int, run_command
+from gpt2onnx.cli.common import EXIT_FAILURE, EXIT_OK, ArgumentParser, non_negative_int, positive_int, run_command
 
 PROG = "gpt2-serve"
 DEFAULT_BUNDLE = "models/gpt2"
@@ -18,6 +19,9 @@ def build_parser() -> ArgumentParser:
         description="Serve a GPT-2 bundle over HTTP with OpenAI's /v1/completions API (no PyTorch needed).",
     )
     parser.add_argument("--model", default=DEFAULT_BUNDLE, help=f"bundle folder (default: {DEFAULT_BUNDLE})")
+    parser.add_argument(
+        "--model-name", help="model id the API shows and accepts (default: the bundle's source model, e.g. gpt2)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000)")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
@@ -59,13 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         model = gpt2onnx.load(
             args.model, provider=args.provider, verify_hashes=not args.no_verify, threads=args.threads
         )
-        app = create_app(model, workers=args.workers, queue_size=args.queue_size)
+        app = create_app(model, workers=args.workers, queue_size=args.queue_size, model_id=args.model_name)
         if not is_loopback(args.host):
             print(
                 f"{PROG}: warning: listening on {args.host}, reachable from other machines, with no authentication",
                 file=sys.stderr,
             )
-        print(f"{PROG}: serving {model.name!r} on {model.provider}", file=sys.stderr)
+        print(f"{PROG}: serving {args.model_name or model.name!r} on {model.provider}", file=sys.stderr)
+        # uvicorn stops gracefully on SIGTERM, then raises it again: a normal stop, not a failure.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_OK))
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
         return 0
 

@@ -26,6 +26,7 @@ from conftest import RandomGPT2
 from gpt2onnx.runtime.model import GPT2Model
 
 WORKERS, QUEUE_SIZE = 1, 1
+MODEL_ID = "tiny-gpt2"
 PROMPT = "Artificial intelligence"
 LONG = 1000  # tokens: seconds of work for the tiny model, so a burst or a disconnect lands mid-generation
 BURST_TOKENS = 500
@@ -79,7 +80,7 @@ def server(tiny_gpt2: RandomGPT2, tmp_path_factory: pytest.TempPathFactory) -> I
     log = tmp_path_factory.mktemp("serve") / "server.log"
     command = [
         *(sys.executable, "-c", BLOCKER, "gpt2onnx.serve.command"),
-        *("--model", str(tiny_gpt2.bundle), "--port", str(port)),
+        *("--model", str(tiny_gpt2.bundle), "--model-name", MODEL_ID, "--port", str(port)),
         *("--workers", str(WORKERS), "--queue-size", str(QUEUE_SIZE), "--threads", "1", "--log-level", "warning"),
     ]
     url = f"http://127.0.0.1:{port}"
@@ -95,7 +96,8 @@ def server(tiny_gpt2: RandomGPT2, tmp_path_factory: pytest.TempPathFactory) -> I
             except httpx.TransportError:
                 assert time.monotonic() < deadline, f"gpt2-serve did not start within 60 s: {log.read_text()}"
                 time.sleep(0.1)
-        yield Server(url, health.json()["model"])
+        assert health.json()["model"] == MODEL_ID
+        yield Server(url, MODEL_ID)
     finally:
         process.terminate()
         try:
@@ -103,6 +105,8 @@ def server(tiny_gpt2: RandomGPT2, tmp_path_factory: pytest.TempPathFactory) -> I
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    assert process.returncode == 0, log.read_text()  # SIGTERM: a graceful stop
+    assert json.loads(log.read_text().strip().splitlines()[-1]) == {"loaded": []}
 
 
 @pytest.fixture(scope="module")
