@@ -71,11 +71,8 @@ class GPT2Model:
 
     def options(self, **overrides: Any) -> GenerationOptions:
         """The bundle's generation defaults overridden by keyword arguments, validated for this model."""
-        options = GenerationOptions.create(self.manifest.generation_defaults, **overrides)
-        if options.eos_token_id is None and self.manifest.eos_token_id is not None:
-            options = GenerationOptions.create({**options.__dict__, "eos_token_id": self.manifest.eos_token_id})
-        options.validate(vocab_size=self.manifest.architecture.vocab_size)
-        return options
+        defaults = {"eos_token_id": self.manifest.eos_token_id, **self.manifest.generation_defaults}
+        return GenerationOptions.create(defaults, vocab_size=self.manifest.architecture.vocab_size, **overrides)
 
     def pad_token_id(self, options: GenerationOptions) -> int:
         for candidate in (options.pad_token_id, self.manifest.pad_token_id, *options.eos_token_ids):

@@ -44,14 +44,19 @@ class GenerationOptions:
     top_logprobs: int = 0
 
     @classmethod
-    def create(cls, base: Mapping[str, Any] | None = None, **overrides: Any) -> GenerationOptions:
-        """Build options from defaults (e.g. the bundle's), overridden by keyword arguments; then validate."""
+    def create(
+        cls, base: Mapping[str, Any] | None = None, vocab_size: int | None = None, **overrides: Any
+    ) -> GenerationOptions:
+        """Build options from defaults (e.g. the bundle's), overridden by keyword arguments; then validate.
+
+        None values (in base or overrides) mean "the default"; vocab_size, when given, bounds every token id.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise InvalidInputError(f"unknown generation option(s): {', '.join(unknown)}")
-        values = {key: value for key, value in (base or {}).items() if key in names}
-        values.update({key: value for key, value in overrides.items() if value is not None or key in ("min_p",)})
+        values = {key: value for key, value in (base or {}).items() if key in names and value is not None}
+        values.update({key: value for key, value in overrides.items() if value is not None})
         if isinstance(values.get("stop"), str):
             values["stop"] = (values["stop"],)
         if values.get("stop") is not None:
@@ -64,7 +69,7 @@ class GenerationOptions:
         if isinstance(values.get("eos_token_id"), Sequence):
             values["eos_token_id"] = _tuple_of(values["eos_token_id"], "eos_token_id", "a token id or a list of them")
         options = cls(**values)
-        options.validate()
+        options.validate(vocab_size)
         return options
 
     def validate(self, vocab_size: int | None = None) -> None:
