@@ -17,7 +17,8 @@ import numpy as np
 
 from .generation import PaddedBatch, ScoresProcessor, StoppingCriterion, position_ids_from_mask
 from .options import GenerationOptions
-from .search import Continuation, Sampler, log_softmax, top_k
+from .processors import log_softmax
+from .search import Continuation, Sampler, top_k
 from .session import DecoderSession
 
 NEG = np.float32(-1.0e9)
@@ -26,6 +27,8 @@ History = dict[str, np.ndarray]  # per-beam arrays [batch, beams, ...] that move
 
 @dataclass
 class BeamOutput:
+    """What a beam search returns, with the counts its caller's timing needs."""
+
     continuations: list[Continuation]  # num_return_sequences per prompt, best first
     steps: int
     prefill_seconds: float
@@ -141,8 +144,10 @@ class BeamSearch:
     ) -> None:
         """Merge the candidates among the top num_beams that just ended into the finished hypotheses."""
         just_ended = ends & (np.arange(self.keep) < self.beams)[None, :]
-        scores = values / np.float32((step + 1) ** self.length_penalty)
         full = self.finished["done"].all(axis=1, keepdims=True) & (self.early_stopping is True)
+        if not (just_ended & ~full & self.improvable).any():
+            return  # every candidate would score below -1e9, under all finished hypotheses: nothing changes
+        scores = values / np.float32((step + 1) ** self.length_penalty)
         scores = scores + full.astype(np.float32) * NEG
         scores = scores + (~self.improvable).astype(np.float32) * NEG
         scores = scores + (~just_ended).astype(np.float32) * NEG

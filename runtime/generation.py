@@ -32,6 +32,10 @@ class PaddedBatch:
                 attention_mask[index, length - len(row) :] = 1
         return cls(input_ids, attention_mask)
 
+    def pad_lengths(self) -> np.ndarray:
+        """Each row's count of left-padding positions."""
+        return (self.attention_mask == 0).sum(axis=1)
+
     def repeat(self, times: int) -> PaddedBatch:
         """Each row repeated `times` times in place (row 0, row 0, ..., row 1, ...), as for beams."""
         return PaddedBatch(np.repeat(self.input_ids, times, axis=0), np.repeat(self.attention_mask, times, axis=0))

@@ -175,7 +175,8 @@ class GPT2Model:
 
     def _beam_search(self, batch: PaddedBatch, config: GenerationOptions) -> tuple[list[Continuation], int, float]:
         prompt_length = batch.input_ids.shape[1]
-        processors = build_logits_processors(config, prompt_length, config.eos_token_ids)
+        pad_lengths = np.repeat(batch.pad_lengths(), config.num_beams)
+        processors = build_logits_processors(config, prompt_length, config.eos_token_ids, pad_lengths)
         search = BeamSearch(batch, config, self._stopping(config, prompt_length))
         output = beam_search(self.session, batch, processors, search)
         return output.continuations, output.steps, output.prefill_seconds
@@ -236,7 +237,7 @@ class GPT2Model:
 
     def _steps(self, batch: PaddedBatch, config: GenerationOptions) -> Iterator[Step]:
         prompt_length = batch.input_ids.shape[1]
-        processors = build_logits_processors(config, prompt_length, config.eos_token_ids)
+        processors = build_logits_processors(config, prompt_length, config.eos_token_ids, batch.pad_lengths())
         choose = Sampler(config.seed) if config.do_sample else greedy_choice
         return token_steps(
             self.session,

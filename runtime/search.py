@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .outputs import TokenLogprob
+from .processors import log_softmax
 
 StepLogprobs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]  # chosen [rows], top ids / values [rows, top]
 
@@ -34,13 +35,6 @@ class Continuation:
                 alternatives = list(zip(self.top_ids[step].tolist(), self.top_logprobs[step].tolist(), strict=True))
             entries.append(TokenLogprob(int(token), float(logprob), alternatives))
         return entries
-
-
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    """Log-softmax over the last axis in float32, as torch computes it (x - max - log(sum(exp(x - max))))."""
-    scores = scores.astype(np.float32, copy=False)
-    shifted = scores - scores.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
