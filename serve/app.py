@@ -114,7 +114,6 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id
         },
         lifespan=lifespan,
     )
-    app.state.engine = engine
     return app
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,8 @@ from gpt2onnx.runtime.model import GPT2Model
 WORKERS, QUEUE_SIZE = 1, 1
 MODEL_ID = "tiny-gpt2"
 PROMPT = "Artificial intelligence"
-LONG = 1000  # tokens: seconds of work for the tiny model, so a burst or a disconnect lands mid-generation
-BURST_TOKENS = 500
+LONG = 1000  # tokens: about a second of work for the tiny model, so that a disconnect lands mid-generation
+HEAVY = {"prompt": ["Hello"] * 16, "max_tokens": LONG, "temperature": 0}  # seconds of work: a busy worker
 TIMEOUT = 60.0
 
 
@@ -334,7 +335,7 @@ def test_a_burst_larger_than_the_queue_gets_503_while_the_loop_stays_responsive(
 
     async def burst() -> tuple[list[httpx.Response], dict[str, int], int]:
         async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as client:
-            request = {"model": server.model_id, "prompt": "Hello", "max_tokens": BURST_TOKENS, "temperature": 0}
+            request = {"model": server.model_id, **HEAVY}
             tasks = [
                 asyncio.create_task(client.post("/v1/completions", json=request))
                 for _ in range(WORKERS + QUEUE_SIZE + extra)
@@ -360,21 +361,28 @@ def test_a_burst_larger_than_the_queue_gets_503_while_the_loop_stays_responsive(
     assert after["completed"] - before["completed"] == WORKERS + QUEUE_SIZE
 
 
-def test_a_client_that_leaves_stops_its_generation(server: Server) -> None:
-    """A stream whose client disconnects stops at the next token; a queued request whose client left never runs."""
+def test_a_client_that_leaves_a_stream_stops_its_generation(server: Server) -> None:
+    """The worker stops at the next token once the stream's client has disconnected."""
     before = server.wait_until(lambda metrics: metrics["running"] == 0 and metrics["queued"] == 0)
-    request = {"model": server.model_id, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0}
-    with (
-        httpx.Client(base_url=server.url, timeout=TIMEOUT) as client,
-        client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response,
-    ):
+    request = {"model": server.model_id, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=request, timeout=TIMEOUT) as response:
         assert response.status_code == 200
-        lines = response.iter_lines()  # held: dropping a half-read iterator closes the connection
+        lines = response.iter_lines()  # held: dropping a half-read iterator would close the connection already
         assert next(lines).startswith("data: {")  # generating now
-        with pytest.raises(httpx.ReadTimeout):  # queued behind the stream; its client gives up
-            client.post("/v1/completions", json=request, timeout=0.5)
-        server.wait_until(lambda metrics: metrics["cancelled"] == before["cancelled"] + 1)
-    # Leaving the block closes the stream's connection mid-generation.
-    after = server.wait_until(lambda metrics: metrics["cancelled"] == before["cancelled"] + 2)
-    assert after["completed"] == before["completed"]
-    assert server.wait_until(lambda metrics: metrics["running"] == 0)["failed"] == before["failed"]
+    # Leaving the block closes the connection mid-generation.
+    after = server.wait_until(lambda metrics: metrics["cancelled"] == before["cancelled"] + 1)
+    assert (after["running"], after["completed"], after["failed"]) == (0, before["completed"], before["failed"])
+
+
+def test_a_queued_request_whose_client_left_never_runs(server: Server) -> None:
+    before = server.wait_until(lambda metrics: metrics["running"] == 0 and metrics["queued"] == 0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        busy = pool.submit(server.complete, **HEAVY)
+        server.wait_until(lambda metrics: metrics["running"] == 1)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the busy worker; its client gives up
+            httpx.post(f"{server.url}/v1/completions", json={"model": server.model_id, **HEAVY}, timeout=0.3)
+        dropped = server.wait_until(lambda metrics: metrics["cancelled"] == before["cancelled"] + 1)
+        assert dropped["running"] == 1  # the busy request was still running: the queued one was dropped unstarted
+        assert busy.result().status_code == 200
+    after = server.wait_until(lambda metrics: metrics["running"] == 0)
+    assert after["completed"] == before["completed"] + 1
