@@ -19,8 +19,9 @@ from .outputs import GeneratedSequence, GenerationOutput, PromptResult, Timing
 from .processors import build_logits_processors, softmax
 from .search import Continuation, Sampler, StepLogprobs, greedy_choice, row_continuations, step_logprobs
 from .session import DecoderSession
-from .stop_strings import StopStringCriterion, StopStringFilter, cut_at_stop
-from .tokenizer import StreamDecoder, Tokenizer
+from .stop_strings import StopStringCriterion, cut_at_stop
+from .streaming import TextStream
+from .tokenizer import Tokenizer
 
 PromptInput = str | Sequence[str] | None
 IdsInput = Sequence[int] | Sequence[Sequence[int]] | None
@@ -180,11 +181,12 @@ class GPT2Model:
 
     def stream(
         self, prompt: str | None = None, *, input_ids: Sequence[int] | None = None, **options: Any
-    ) -> Iterator[str]:
-        """Yield text pieces of one prompt's continuation as tokens arrive (greedy search or sampling).
+    ) -> TextStream:
+        """Text pieces of one prompt's continuation as tokens arrive (greedy search or sampling), as a TextStream.
 
         Never splits a UTF-8 character, and never yields text that turns out to belong to a stop string: the pieces
-        join to exactly generate(...).text. Arguments are checked at the call, before the first piece is asked for.
+        join to exactly generate(...).text; after the last piece the stream's finish_reason and token_ids are set.
+        Arguments are checked at the call, before the first piece is asked for.
         """
         if prompt is not None and not isinstance(prompt, str):
             raise InvalidInputError("stream() takes one prompt (a string), not a list")
@@ -197,18 +199,8 @@ class GPT2Model:
             raise InvalidInputError("stream() yields one sequence: num_return_sequences must be 1")
         encoded = self.encode(prompt, input_ids)
         self._check_request(encoded.rows, config)
-        decoder = self.tokenizer.stream_decoder()
-        return self._stream(PaddedBatch.from_rows(encoded.rows, self.pad_token_id(config)), config, decoder)
-
-    def _stream(self, batch: PaddedBatch, config: GenerationOptions, decoder: StreamDecoder) -> Iterator[str]:
-        held = StopStringFilter(config.stop)
-        for step in self._steps(batch, config):
-            piece = held.push(decoder.push(int(step.tokens[0])))
-            if piece:
-                yield piece
-        tail = held.push(decoder.flush()) + held.flush()
-        if tail:
-            yield tail
+        batch = PaddedBatch.from_rows(encoded.rows, self.pad_token_id(config))
+        return TextStream(self._steps(batch, config), self.tokenizer.stream_decoder(), config.stop)
 
     def next_token_probs(
         self, prompt: str | None = None, *, input_ids: Sequence[int] | None = None, top: int = 10

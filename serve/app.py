@@ -190,6 +190,8 @@ async def text_events(pieces: Relay[str], answer: partial[dict[str, Any]]) -> As
             yield answer([choice_body(0, piece, None, None)], None)
         if pieces.job.cancelled() or pieces.job.exception() is not None:
             yield failure(pieces.job)
+        else:
+            yield answer([choice_body(0, "", getattr(pieces.source, "finish_reason", None), None)], None)
     finally:
         pieces.close()
 

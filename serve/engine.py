@@ -109,11 +109,12 @@ class Relay(Generic[T]):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._cancel = threading.Event()
+        self.source: Iterator[T] | None = None  # the iterator, once the worker has made it
         self.job: asyncio.Future[None] = engine.submit(partial(self._run, make))
         self.job.add_done_callback(lambda _: self._queue.put_nowait(_END))
 
     def _run(self, make: Callable[[], Iterator[T]]) -> None:
-        items = make()
+        self.source = items = make()
         try:
             for item in items:
                 if self._cancel.is_set():

@@ -185,9 +185,12 @@ def test_openai_client_completion_and_stream(server: Server, model: GPT2Model) -
 def test_streamed_chunks_join_to_the_non_streamed_text_with_the_same_seed(server: Server) -> None:
     """Sampling with a seed: stream and non-stream give the same text; another seed gives another text."""
     request = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 123}
-    whole = server.complete(**request).json()["choices"][0]["text"]
+    whole_choice = server.complete(**request).json()["choices"][0]
+    whole = whole_choice["text"]
     events = server.events(**request)
     assert joined(events) == {0: whole}
+    ends = [choice["finish_reason"] for event in events for choice in event["choices"]]
+    assert ends[-1] == whole_choice["finish_reason"] == "length" and not any(ends[:-1])
     assert all(len(event["choices"]) == 1 and event["object"] == "text_completion" for event in events)
     assert len({event["id"] for event in events}) == 1
     chunks = server.client().completions.create(model=server.model_id, stream=True, **request)

@@ -136,3 +136,18 @@ def test_stop_criterion_fires_at_the_token_that_completes_the_stop_string(tokeni
     fired = [bool(criterion(np.array([tokens[:end]]))[0]) for end in range(2, len(tokens) + 1)]
     expected = [stop in tokenizer.decode(tokens[1:end]) for end in range(2, len(tokens) + 1)]
     assert fired.index(True) == expected.index(True)
+
+
+def test_text_stream_reports_how_it_ended(tiny_gpt2) -> None:
+    import gpt2onnx
+
+    model = gpt2onnx.load(tiny_gpt2.bundle)
+    full = model.generate("Artificial intelligence", max_new_tokens=10).results[0].sequences[0]
+    stream = model.stream("Artificial intelligence", max_new_tokens=10)
+    assert stream.finish_reason is None
+    assert "".join(stream) == full.generated_text
+    assert (stream.token_ids, stream.finish_reason) == (full.generated_token_ids, "length")
+    eos = full.generated_token_ids[3]
+    stopped = model.stream("Artificial intelligence", max_new_tokens=10, eos_token_id=eos)
+    list(stopped)
+    assert stopped.finish_reason == "stop" and stopped.token_ids == full.generated_token_ids[:4]
