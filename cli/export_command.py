@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from gpt2onnx import __version__
@@ -24,6 +25,18 @@ def build_parser() -> ArgumentParser:
         "--dtype", choices=("fp32", "fp16"), default="fp32", help="weight and compute type (fp16 is for CUDA)"
     )
     parser.add_argument(
+        "--optimize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="build the graph from onnxruntime's fused ops (attention with past, skip layer norm, fast GELU); "
+        "--no-optimize keeps standard ONNX ops only (default: optimize)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="int8 weights (blocks of 128, int8 activations at run time) in the fused graph; for CPU, fp32 only",
+    )
+    parser.add_argument(
         "--random-init",
         choices=("tiny", "small", "medium"),
         help="build a GPT-2 of this shape with seeded random weights instead of loading --model",
@@ -40,7 +53,12 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quantize and args.dtype != "fp32":
+        parser.error(f"--quantize {args.quantize} applies to fp32 weights; drop --dtype {args.dtype}")
+    if args.quantize and not args.optimize:
+        parser.error(f"--quantize {args.quantize} builds on the fused graph; drop --no-optimize")
 
     def body() -> int:
         from gpt2onnx.export.exporter import Progress, export_bundle
@@ -49,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             args.output,
             dtype=args.dtype,
+            optimize=args.optimize,
+            quantize=args.quantize,
             random_init=args.random_init,
             seed=args.seed,
             tokenizer=args.tokenizer,

@@ -4,13 +4,19 @@ One graph serves the prompt (empty past) and every decode step. Inputs: input_id
 attention_mask [batch, past+seq], position_ids [batch, seq], logits_to_keep (scalar: how many last positions
 get logits; 0 = all), past_key_values.{i}.key|value [batch, n_head, past, head_dim]. Outputs: logits
 [batch, kept, vocab] (float32) and present.{i}.key|value [batch, n_head, past+seq, head_dim].
-The tied token embedding is stored once (an untied lm_head gets its own weight): Gather reads it for
-the input, Gemm(transB) for the logits.
+
+Blocks come in two forms: standard ONNX ops (plain), or onnxruntime's contrib ops (fused: MultiHeadAttention with
+past/present, SkipLayerNormalization with the projection biases folded in, FastGelu). The fused form can carry
+int8 weights: every projection becomes MatMulNBits (8 bits, symmetric blocks of QUANT_BLOCK along the input
+dimension, int8 activations at run time). The tied token embedding is stored once: as [n_embd, vocab] for float
+graphs (MatMul reads it for the logits, a Gather along axis 1 for the input), or as the lm_head's MatMulNBits
+blocks for int8 graphs (the input Gather dequantises its rows). An untied lm_head gets its own weight.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +27,10 @@ from gpt2onnx.runtime.errors import ExportError
 OPSET = 17
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish", "quick_gelu")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+CONTRIB = "com.microsoft"
+QUANT_BLOCK = 128  # int8 weights: one scale per QUANT_BLOCK inputs of each output
+QUANT_ZERO = 128  # MatMulNBits' implied zero point for 8 bits: stored byte = round(w / scale) + 128
 
 
 @dataclass(frozen=True)
@@ -50,10 +60,11 @@ class GPT2Spec:
 class _Builder:
     """Accumulates nodes and initializers with unique names."""
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, int8: bool = False) -> None:
         from onnx import TensorProto, helper, numpy_helper
 
         self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
+        self.int8 = int8
         self.np_dtype = NUMPY_DTYPES[dtype]
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
         self.nodes: list = []
@@ -80,9 +91,47 @@ class _Builder:
     def linear(self, x: str, weight: str, bias: str) -> str:
         return self.op("Add", self.op("MatMul", x, weight), bias)
 
+    def quantized(self, name: str, matrix: np.ndarray) -> tuple[str, str]:
+        """Blocks and scales of matrix [out, in] for MatMulNBits: uint8 [out, blocks, QUANT_BLOCK], float [out, blocks].
+
+        Each block of QUANT_BLOCK inputs (zero-padded at the end) gets scale max|w| / 127 and bytes round(w / scale)
+        + 128, so that w = (byte - 128) * scale within half a step.
+        """
+        rows, columns = matrix.shape
+        blocks = -(-columns // QUANT_BLOCK)
+        padded = np.zeros((rows, blocks * QUANT_BLOCK), np.float32)
+        padded[:, :columns] = matrix
+        padded = padded.reshape(rows, blocks, QUANT_BLOCK)
+        scales = np.abs(padded).max(axis=2) / 127.0
+        scales[scales == 0] = 1.0
+        data = np.clip(np.round(padded / scales[:, :, None]), -127, 127) + QUANT_ZERO
+        return self.weight(name + ".int8", data.astype(np.uint8)), self.weight(
+            name + ".scales", scales.astype(np.float32)
+        )
+
+    def project(self, x: str, name: str, weight: np.ndarray) -> str:
+        """x @ weight (weight [in, out]): MatMul, or MatMulNBits over int8 blocks when building an int8 graph."""
+        if not self.int8:
+            return self.op("MatMul", x, self.weight(name, weight.astype(self.np_dtype)))
+        return self.project_blocks(x, *self.quantized(name, weight.T), *weight.shape)
+
+    def project_blocks(self, x: str, data: str, scales: str, inputs: int, outputs: int) -> str:
+        return self.op(
+            "MatMulNBits",
+            x,
+            data,
+            scales,
+            domain=CONTRIB,
+            K=inputs,
+            N=outputs,
+            bits=8,
+            block_size=QUANT_BLOCK,
+            accuracy_level=4,  # int8 activations (quantised per block at run time): the fast VNNI/AVX2 kernels
+        )
+
 
 def _activation(b: _Builder, x: str, name: str) -> str:
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+    if name in TANH_GELUS:
         cube = b.op("Pow", x, b.const(3.0))
         inner = b.op("Mul", b.op("Add", x, b.op("Mul", cube, b.const(0.044715))), b.const(math.sqrt(2.0 / math.pi)))
         return b.op("Mul", b.op("Mul", x, b.const(0.5)), b.op("Add", b.op("Tanh", inner), b.const(1.0)))
@@ -98,16 +147,158 @@ def _activation(b: _Builder, x: str, name: str) -> str:
     raise ExportError(f"unsupported activation function {name!r}; supported: {', '.join(ACTIVATIONS)}")
 
 
-def build_graph(spec: GPT2Spec, weights: dict[str, np.ndarray], dtype: str = "float32"):
-    """Return the onnx.ModelProto of a GPT-2 with the given transformers-style state dict (numpy arrays)."""
+def _layer_norm(b: _Builder, x: str, weight: str, bias: str, eps: float) -> str:
+    return b.op("LayerNormalization", x, weight, bias, axis=-1, epsilon=eps)
+
+
+def _plain_blocks(
+    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str, allowed: str
+) -> str:
+    """The transformer blocks in standard ONNX ops; returns the final layer norm's output."""
+    int64 = np.int64
+    H, D, E = spec.n_head, spec.head_dim, spec.n_embd
+    eps = spec.layer_norm_epsilon
+    masked_value = b.const(np.finfo(b.np_dtype).min)
+    heads_shape = b.const([0, 0, H, D], int64)
+    merged_shape = b.const([0, 0, E], int64)
+    split_sizes = b.const([E, E, E], int64)
+    for layer in range(spec.n_layer):
+        p = f"transformer.h.{layer}."
+        normed = _layer_norm(b, hidden, w(p + "ln_1.weight"), w(p + "ln_1.bias"), eps)
+        qkv = b.linear(normed, w(p + "attn.c_attn.weight"), w(p + "attn.c_attn.bias"))
+        q, k, v = (b.fresh(n) for n in "qkv")
+        b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
+        q, k, v = (b.op("Transpose", b.op("Reshape", t, heads_shape), perm=[0, 2, 1, 3]) for t in (q, k, v))
+        key = b.op("Concat", bundle.past_key_name(layer), k, outputs=[bundle.present_key_name(layer)], axis=2)
+        value = b.op("Concat", bundle.past_value_name(layer), v, outputs=[bundle.present_value_name(layer)], axis=2)
+        scores = b.op(
+            "Mul", b.op("MatMul", q, b.op("Transpose", key, perm=[0, 1, 3, 2])), b.const(spec.attention_scale(layer))
+        )
+        probs = b.op("Softmax", b.op("Where", allowed, scores, masked_value), axis=-1)
+        context = b.op("Reshape", b.op("Transpose", b.op("MatMul", probs, value), perm=[0, 2, 1, 3]), merged_shape)
+        hidden = b.op("Add", hidden, b.linear(context, w(p + "attn.c_proj.weight"), w(p + "attn.c_proj.bias")))
+        normed = _layer_norm(b, hidden, w(p + "ln_2.weight"), w(p + "ln_2.bias"), eps)
+        inner = _activation(b, b.linear(normed, w(p + "mlp.c_fc.weight"), w(p + "mlp.c_fc.bias")), spec.activation)
+        hidden = b.op("Add", hidden, b.linear(inner, w(p + "mlp.c_proj.weight"), w(p + "mlp.c_proj.bias")))
+    return _layer_norm(b, hidden, w("transformer.ln_f.weight"), w("transformer.ln_f.bias"), eps)
+
+
+def _fused_activation(b: _Builder, x: str, bias: str, name: str) -> str:
+    """The MLP activation with its preceding bias folded in (FastGelu / BiasGelu where they apply)."""
+    if name in TANH_GELUS:
+        return b.op("FastGelu", x, bias, domain=CONTRIB)
+    if name == "gelu":
+        return b.op("BiasGelu", x, bias, domain=CONTRIB)
+    return _activation(b, b.op("Add", x, bias), name)
+
+
+def _skip_layer_norm(b: _Builder, x: str, residual: str, names: tuple[str, str, str], eps: float) -> tuple[str, str]:
+    """SkipLayerNormalization(x + bias + residual): returns (normed, the new residual sum)."""
+    normed, total = b.fresh("skip_ln"), b.fresh("residual")
+    b.op("SkipLayerNormalization", x, residual, *names, outputs=[normed, "", "", total], domain=CONTRIB, epsilon=eps)
+    return normed, total
+
+
+def _fused_blocks(
+    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str, allowed: str
+) -> str:
+    """The blocks with onnxruntime contrib ops: MultiHeadAttention (past/present), SkipLayerNormalization with the
+    projection biases folded in, FastGelu with the MLP bias; projections through b.project (float or int8).
+    Returns the final layer norm's output."""
+    E, eps = spec.n_embd, spec.layer_norm_epsilon
+    # An additive mask, shared by all layers: 0 where attention is allowed, a large negative value elsewhere.
+    mask_value = -1e9 if b.np_dtype == np.float32 else -1e4
+    attention_bias = b.op("Where", allowed, b.const(0.0), b.const(mask_value))
+    split_sizes = b.const([E, E, E], np.int64)
+    normed = _layer_norm(b, hidden, w("transformer.h.0.ln_1.weight"), w("transformer.h.0.ln_1.bias"), eps)
+    residual = hidden
+    for layer in range(spec.n_layer):
+        p = f"transformer.h.{layer}."
+        qkv = b.project(normed, p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"])
+        q, k, v = (b.fresh(n) for n in "qkv")
+        b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
+        context = b.fresh("context")
+        b.op(
+            "MultiHeadAttention",
+            q,
+            k,
+            v,
+            w(p + "attn.c_attn.bias"),
+            "",
+            attention_bias,
+            bundle.past_key_name(layer),
+            bundle.past_value_name(layer),
+            outputs=[context, bundle.present_key_name(layer), bundle.present_value_name(layer)],
+            domain=CONTRIB,
+            num_heads=spec.n_head,
+            scale=spec.attention_scale(layer),
+        )
+        attention = b.project(context, p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"])
+        ln_2 = (w(p + "ln_2.weight"), w(p + "ln_2.bias"), w(p + "attn.c_proj.bias"))
+        normed, residual = _skip_layer_norm(b, attention, residual, ln_2, eps)
+        fc = b.project(normed, p + "mlp.c_fc.weight", weights[p + "mlp.c_fc.weight"])
+        inner = _fused_activation(b, fc, w(p + "mlp.c_fc.bias"), spec.activation)
+        mlp = b.project(inner, p + "mlp.c_proj.weight", weights[p + "mlp.c_proj.weight"])
+        following = f"transformer.h.{layer + 1}.ln_1." if layer + 1 < spec.n_layer else "transformer.ln_f."
+        names = (w(following + "weight"), w(following + "bias"), w(p + "mlp.c_proj.bias"))
+        normed, residual = _skip_layer_norm(b, mlp, residual, names, eps)
+    return normed
+
+
+def _embedding_and_head(
+    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray]
+) -> tuple[str, Callable[[str], str]]:
+    """The token embeddings of input_ids, and a function from hidden states to logits (before the float32 cast)."""
+    wte = weights["transformer.wte.weight"]
+    head = wte if spec.tied_embeddings else weights["lm_head.weight"]
+    V, E = head.shape
+    if b.int8:
+        data, scales = b.quantized("lm_head" if not spec.tied_embeddings else "transformer.wte", head)
+        if not spec.tied_embeddings:
+            table_data, table_scales = b.quantized("transformer.wte", wte)
+        else:
+            table_data, table_scales = data, scales
+        # Rows of the int8 table: (byte - 128) * the scale of each block, blocks laid end to end, padding cut off.
+        rows = b.op("Cast", b.op("Gather", table_data, bundle.INPUT_IDS), to=b.onnx_dtype)
+        row_scales = b.op("Unsqueeze", b.op("Gather", table_scales, bundle.INPUT_IDS), b.const([-1], np.int64))
+        blocks = b.op("Mul", b.op("Sub", rows, b.const(float(QUANT_ZERO))), row_scales)
+        flat = b.op("Reshape", blocks, b.const([0, 0, -1], np.int64))
+        embedded = b.op("Slice", flat, b.const([0], np.int64), b.const([E], np.int64), b.const([2], np.int64))
+        return embedded, lambda hidden: b.project_blocks(hidden, data, scales, E, V)
+    head_t = b.weight(
+        "lm_head.weight.T" if not spec.tied_embeddings else "transformer.wte.weight.T", head.T.astype(b.np_dtype)
+    )
+    if spec.tied_embeddings:
+        # [n_embd, vocab] serves both: MatMul (fast, prepacked) for the logits, Gather along axis 1 for the input.
+        embedded = b.op("Transpose", b.op("Gather", head_t, bundle.INPUT_IDS, axis=1), perm=[1, 2, 0])
+    else:
+        embedded = b.op("Gather", b.weight("transformer.wte.weight", wte.astype(b.np_dtype)), bundle.INPUT_IDS)
+    return embedded, lambda hidden: b.op("MatMul", hidden, head_t)
+
+
+def build_graph(
+    spec: GPT2Spec,
+    weights: dict[str, np.ndarray],
+    dtype: str = "float32",
+    *,
+    fused: bool = False,
+    int8: bool = False,
+):
+    """Return the onnx.ModelProto of a GPT-2 with the given transformers-style state dict (numpy arrays).
+
+    fused: build the blocks from onnxruntime contrib ops (faster; needs onnxruntime) instead of standard ONNX ops.
+    int8: int8 weights (MatMulNBits) for every projection and the embedding; needs fused and float32.
+    """
     from onnx import TensorProto, helper
 
     if dtype not in NUMPY_DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r}; choose float32 or float16")
     if spec.activation not in ACTIVATIONS:
         raise ExportError(f"unsupported activation function {spec.activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    b = _Builder(dtype)
-    H, D, E = spec.n_head, spec.head_dim, spec.n_embd
+    if int8 and (not fused or dtype != "float32"):
+        raise ExportError("int8 weights need the fused graph and float32 activations")
+    b = _Builder(dtype, int8=int8)
+    H, D = spec.n_head, spec.head_dim
 
     def w(name: str) -> str:
         return b.weight(name, weights[name].astype(b.np_dtype))
@@ -129,49 +320,14 @@ def build_graph(spec: GPT2Spec, weights: dict[str, np.ndarray], dtype: str = "fl
     )
     padding = b.op("Unsqueeze", b.op("Cast", bundle.ATTENTION_MASK, to=TensorProto.BOOL), b.const([1, 2], int64))
     allowed = b.op("And", padding, causal)  # [batch, 1, S, T]
-    masked_value = b.const(np.finfo(b.np_dtype).min)
 
-    wte = w("transformer.wte.weight")
-    hidden = b.op(
-        "Add", b.op("Gather", wte, bundle.INPUT_IDS), b.op("Gather", w("transformer.wpe.weight"), bundle.POSITION_IDS)
-    )
-    heads_shape = b.const([0, 0, H, D], int64)
-    merged_shape = b.const([0, 0, E], int64)
-    split_sizes = b.const([E, E, E], int64)
-    for layer in range(spec.n_layer):
-        p = f"transformer.h.{layer}."
-        eps = spec.layer_norm_epsilon
-        normed = b.op("LayerNormalization", hidden, w(p + "ln_1.weight"), w(p + "ln_1.bias"), axis=-1, epsilon=eps)
-        qkv = b.linear(normed, w(p + "attn.c_attn.weight"), w(p + "attn.c_attn.bias"))
-        q, k, v = (b.fresh(n) for n in "qkv")
-        b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
-        q, k, v = (b.op("Transpose", b.op("Reshape", t, heads_shape), perm=[0, 2, 1, 3]) for t in (q, k, v))
-        key = b.op("Concat", bundle.past_key_name(layer), k, outputs=[bundle.present_key_name(layer)], axis=2)
-        value = b.op("Concat", bundle.past_value_name(layer), v, outputs=[bundle.present_value_name(layer)], axis=2)
-        scores = b.op(
-            "Mul", b.op("MatMul", q, b.op("Transpose", key, perm=[0, 1, 3, 2])), b.const(spec.attention_scale(layer))
-        )
-        probs = b.op("Softmax", b.op("Where", allowed, scores, masked_value), axis=-1)
-        context = b.op("Reshape", b.op("Transpose", b.op("MatMul", probs, value), perm=[0, 2, 1, 3]), merged_shape)
-        hidden = b.op("Add", hidden, b.linear(context, w(p + "attn.c_proj.weight"), w(p + "attn.c_proj.bias")))
-        normed = b.op("LayerNormalization", hidden, w(p + "ln_2.weight"), w(p + "ln_2.bias"), axis=-1, epsilon=eps)
-        inner = _activation(b, b.linear(normed, w(p + "mlp.c_fc.weight"), w(p + "mlp.c_fc.bias")), spec.activation)
-        hidden = b.op("Add", hidden, b.linear(inner, w(p + "mlp.c_proj.weight"), w(p + "mlp.c_proj.bias")))
-    hidden = b.op(
-        "LayerNormalization",
-        hidden,
-        w("transformer.ln_f.weight"),
-        w("transformer.ln_f.bias"),
-        axis=-1,
-        epsilon=spec.layer_norm_epsilon,
-    )
+    embedded, project_to_vocabulary = _embedding_and_head(b, spec, weights)
+    hidden = b.op("Add", embedded, b.op("Gather", w("transformer.wpe.weight"), bundle.POSITION_IDS))
+    hidden = (_fused_blocks if fused else _plain_blocks)(b, spec, weights, w, hidden, allowed)
     # Keep only the last `logits_to_keep` positions (0 keeps all) before the vocabulary projection.
     start = b.op("Unsqueeze", b.op("Neg", bundle.LOGITS_TO_KEEP), scalar_axes)
     kept = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max], int64), b.const([1], int64))
-    lm_head = wte if spec.tied_embeddings else w("lm_head.weight")
-    flat_logits = b.op("Gemm", b.op("Reshape", kept, b.const([-1, E], int64)), lm_head, transB=1)
-    logits_shape = b.op("Concat", b.op("Shape", kept, start=0, end=2), b.const([spec.vocab_size], int64), axis=0)
-    logits = b.op("Reshape", flat_logits, logits_shape)
+    logits = project_to_vocabulary(kept)
     if dtype == "float32":
         b.op("Identity", logits, outputs=[bundle.LOGITS])
     else:
@@ -192,6 +348,7 @@ def build_graph(spec: GPT2Spec, weights: dict[str, np.ndarray], dtype: str = "fl
         for name in (bundle.present_key_name(layer), bundle.present_value_name(layer)):
             outputs.append(helper.make_tensor_value_info(name, b.onnx_dtype, present_shape))
     graph = helper.make_graph(b.nodes, "gpt2_decoder_with_past", inputs, outputs, b.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gpt2onnx")
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(CONTRIB, 1)] if fused else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2onnx")
     model.ir_version = 8
     return model

@@ -1,0 +1,112 @@
+"""Times one bundle's greedy decode: ms/token, Python overhead per step, first token after a long prompt, cold load.
+
+    python benchmarks/profile_decode.py models/random-small [--runs 7] [--new-tokens 50] [--long-prompt 512]
+
+Decode ms/token = (time for N new tokens - time for 1) / (N - 1), median of --runs runs after a warm-up.
+Python overhead per step = (decode wall time - time spent inside onnxruntime's run calls) / steps.
+Cold load = a fresh process that loads the bundle (hashes checked) and produces one token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+PROMPT = [8001, 811, 34, 498, 493, 36, 15516, 38, 594]
+
+
+class TimedSession:
+    """Wraps an onnxruntime InferenceSession, adding up the seconds spent inside its run calls."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if not name.startswith("run"):
+            return attribute
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return attribute(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
+def _generate_seconds(model: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """Wall seconds of one greedy generate call, and the seconds of it spent inside onnxruntime."""
+    timed: TimedSession = model.session.session
+    timed.seconds = 0.0
+    start = time.perf_counter()
+    out = model.generate(input_ids=prompt, max_new_tokens=new_tokens)
+    wall = time.perf_counter() - start
+    assert len(out.results[0].sequences[0].generated_token_ids) == new_tokens
+    return wall, timed.seconds
+
+
+def cold_load_seconds(bundle: str, provider: str) -> float:
+    """Seconds from a fresh interpreter's start to the first generated token (import, hash check, load, prefill)."""
+    code = (
+        "import time; start = time.perf_counter(); import gpt2onnx; "
+        f"model = gpt2onnx.load({bundle!r}, provider={provider!r}); "
+        f"model.generate(input_ids={PROMPT!r}, max_new_tokens=1); print(time.perf_counter() - start)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def profile(bundle: str, runs: int, new_tokens: int, long_prompt: int, provider: str) -> dict[str, Any]:
+    import gpt2onnx
+
+    model = gpt2onnx.load(bundle, provider=provider)
+    model.session.session = TimedSession(model.session.session)
+    long = [(token * 7 + 13) % model.manifest.architecture.vocab_size for token in range(long_prompt)]
+    _generate_seconds(model, PROMPT, new_tokens)  # warm-up
+    _generate_seconds(model, long, 1)
+    decode, overhead, first_long = [], [], []
+    for _ in range(runs):
+        one_wall, one_ort = _generate_seconds(model, PROMPT, 1)
+        many_wall, many_ort = _generate_seconds(model, PROMPT, new_tokens)
+        steps = new_tokens - 1
+        decode.append((many_wall - one_wall) * 1000 / steps)
+        overhead.append(((many_wall - many_ort) - (one_wall - one_ort)) * 1000 / steps)
+        first_long.append(_generate_seconds(model, long, 1)[0] * 1000)
+    cold = [cold_load_seconds(bundle, provider) for _ in range(3)]
+    graph = model.manifest.data["graph"]
+    return {
+        "bundle": bundle,
+        "dtype": graph["dtype"],
+        "optimizations": graph.get("optimizations"),
+        "quantization": graph.get("quantization"),
+        "provider": model.provider,
+        "decode_ms_per_token": statistics.median(decode),
+        "python_overhead_ms_per_step": statistics.median(overhead),
+        f"first_token_after_{long_prompt}_ms": statistics.median(first_long),
+        "cold_load_and_first_token_s": statistics.median(cold),
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundles", nargs="+")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--new-tokens", type=int, default=50)
+    parser.add_argument("--long-prompt", type=int, default=512)
+    parser.add_argument("--provider", default="cpu")
+    args = parser.parse_args()
+    for bundle in args.bundles:
+        print(json.dumps(profile(bundle, args.runs, args.new_tokens, args.long_prompt, args.provider)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
