@@ -50,8 +50,8 @@ def test_tied_embedding_is_stored_once(reference_model_bundle: tuple[Path, Path]
     import onnx
 
     graph = onnx.load(str(reference_model_bundle[1] / "model.onnx")).graph
-    embedding_sized = [init.name for init in graph.initializer if tuple(init.dims) == (1000, 32)]
-    assert embedding_sized == ["transformer.wte.weight"]
+    embedding_sized = [init.name for init in graph.initializer if sorted(init.dims) == [32, 1000]]
+    assert len(embedding_sized) == 1, embedding_sized
 
 
 def test_reference_checkpoint_greedy_matches_transformers(reference_model_bundle: tuple[Path, Path]) -> None:
