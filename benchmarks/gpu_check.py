@@ -43,6 +43,7 @@ def _leading_match(a: list[int], b: list[int]) -> int:
 
 def _torch_greedy(model: Any, rows: list[list[int]], new_tokens: int, exact_length: bool = False) -> list[list[int]]:
     import torch
+
     from gpt2onnx.runtime.generation import PaddedBatch
 
     batch = PaddedBatch.from_rows(rows, pad_token_id=EOS)
@@ -65,8 +66,9 @@ def _strip(tokens: list[int]) -> list[int]:
 
 
 def check(dtype: str, shape: str, root: Path, new_tokens: int, runs: int, provider: str) -> list[dict[str, Any]]:
-    import gpt2onnx
     import torch
+
+    import gpt2onnx
     from gpt2onnx.export.checkpoint import random_checkpoint
     from gpt2onnx.export.exporter import export_bundle
     from gpt2onnx.runtime.session import DecoderSession

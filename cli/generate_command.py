@@ -47,28 +47,27 @@ def build_parser() -> ArgumentParser:
         help="prompt as token ids instead of text; repeat for a batch",
     )
     generation = parser.add_argument_group("generation options (transformers' names and defaults)")
-    generation.add_argument("--max-new-tokens", type=positive_int, default=20, help="tokens to generate (default 20)")
-    generation.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="suppress EOS before this many")
-    generation.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam search")
-    generation.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default 1.0)")
-    generation.add_argument("--top-k", type=non_negative_int, default=50, help="sampling: keep the k best (default 50)")
-    generation.add_argument("--top-p", type=finite_float, default=1.0, help="sampling: nucleus mass (default 1.0)")
+    generation.add_argument("--max-new-tokens", type=positive_int, help="tokens to generate (default 20)")
+    generation.add_argument("--min-new-tokens", type=non_negative_int, help="suppress EOS before this many (default 0)")
+    generation.add_argument("--do-sample", action="store_true", default=None, help="sample (default: greedy or beams)")
+    generation.add_argument("--temperature", type=finite_float, help="sampling temperature (default 1.0)")
+    generation.add_argument("--top-k", type=non_negative_int, help="sampling: keep the k best (default 50; 0 = all)")
+    generation.add_argument("--top-p", type=finite_float, help="sampling: nucleus mass (default 1.0)")
     generation.add_argument("--min-p", type=finite_float, help="sampling: drop tokens below min_p * best probability")
-    generation.add_argument("--typical-p", type=finite_float, default=1.0, help="sampling: typical mass (default 1.0)")
-    generation.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (default 1)")
-    generation.add_argument("--length-penalty", type=finite_float, default=1.0, help="beam score length exponent")
+    generation.add_argument("--typical-p", type=finite_float, help="sampling: typical mass (default 1.0)")
+    generation.add_argument("--num-beams", type=positive_int, help="beam search width (default 1)")
+    generation.add_argument("--length-penalty", type=finite_float, help="beam score length exponent (default 1.0)")
     generation.add_argument(
         "--early-stopping",
         type=_early_stopping,
-        default=False,
         nargs="?",
         const=True,
         metavar="true|false|never",
-        help="beam search stopping rule (flag alone = true)",
+        help="beam search stopping rule (default false; the flag alone = true)",
     )
-    generation.add_argument("--num-return-sequences", type=positive_int, default=1, help="sequences per prompt")
-    generation.add_argument("--repetition-penalty", type=finite_float, default=1.0, help="penalise repeated tokens")
-    generation.add_argument("--no-repeat-ngram-size", type=non_negative_int, default=0, help="forbid repeated n-grams")
+    generation.add_argument("--num-return-sequences", type=positive_int, help="sequences per prompt (default 1)")
+    generation.add_argument("--repetition-penalty", type=finite_float, help="penalise repeated tokens (default 1.0)")
+    generation.add_argument("--no-repeat-ngram-size", type=non_negative_int, help="forbid repeated n-grams (size)")
     generation.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
     generation.add_argument("--seed", type=non_negative_int, help="random seed for sampling (reproducible runs)")
     runtime = parser.add_argument_group("runtime")
@@ -85,8 +84,8 @@ def build_parser() -> ArgumentParser:
 
 
 def generation_options(args: Any) -> dict[str, Any]:
-    """The generate() keyword arguments the command line asked for."""
-    return {
+    """The generate() keyword arguments the command line set (the others keep the bundle's defaults)."""
+    options = {
         "max_new_tokens": args.max_new_tokens,
         "min_new_tokens": args.min_new_tokens,
         "do_sample": args.do_sample,
@@ -101,9 +100,27 @@ def generation_options(args: Any) -> dict[str, Any]:
         "num_return_sequences": args.num_return_sequences,
         "repetition_penalty": args.repetition_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
-        "stop": tuple(args.stop or ()),
+        "stop": tuple(args.stop) if args.stop else None,
         "seed": args.seed,
     }
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _check_combinations(parser: ArgumentParser, args: Any) -> None:
+    """Refuse, before loading the bundle, argument combinations that cannot work (one line, exit code 2)."""
+    if args.prompts and args.input_ids:
+        parser.error("give PROMPT text or --input-ids, not both")
+    if not args.prompts and not args.input_ids:
+        parser.error("give a PROMPT (text) or --input-ids 1,2,3")
+    if args.stream:
+        if args.json:
+            parser.error("--stream and --json cannot be combined")
+        if len(args.prompts) > 1 or len(args.input_ids or ()) > 1:
+            parser.error("--stream takes one prompt")
+        if (args.num_beams or 1) > 1:
+            parser.error("--stream works with greedy search and sampling, not with --num-beams > 1")
+        if (args.num_return_sequences or 1) > 1:
+            parser.error("--stream prints one sequence: --num-return-sequences must be 1")
 
 
 def _print_token_table(model: Any, token_ids: list[int]) -> None:
@@ -120,12 +137,7 @@ def _print_top_probs(model: Any, table: list[Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.prompts and args.input_ids:
-        parser.error("give PROMPT text or --input-ids, not both")
-    if not args.prompts and not args.input_ids:
-        parser.error("give a PROMPT (text) or --input-ids 1,2,3")
-    if args.stream and args.json:
-        parser.error("--stream and --json cannot be combined")
+    _check_combinations(parser, args)
 
     def body() -> int:
         import gpt2onnx
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, provider=args.provider, verify_hashes=not args.no_verify, threads=args.threads
         )
         options = generation_options(args)
+        model.options(**options)  # checked with the bundle's defaults before anything is printed
         prompt = None if args.input_ids else (args.prompts[0] if len(args.prompts) == 1 else args.prompts)
         input_ids = None if not args.input_ids else (args.input_ids[0] if len(args.input_ids) == 1 else args.input_ids)
         encoded = model.encode(prompt, input_ids)
@@ -153,11 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         _print_top_probs(model, table)
         if args.stream:
-            if len(encoded.rows) != 1:
-                raise gpt2onnx.InvalidInputError("--stream takes one prompt")
+            pieces = model.stream(prompt, input_ids=input_ids, **options)
             if prompt is not None:
                 print(prompt, end="", flush=True)
-            for piece in model.stream(prompt, input_ids=input_ids, **options):
+            for piece in pieces:
                 print(piece, end="", flush=True)
             print()
             return 0
@@ -169,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         sequences = [(i, j, seq) for i, result in enumerate(output.results) for j, seq in enumerate(result.sequences)]
         for i, j, sequence in sequences:
             if len(sequences) > 1:
-                print(f"=== prompt {i + 1}, sequence {j + 1} ===")
+                score = f" (score {sequence.score:.4f})" if sequence.score is not None else ""
+                print(f"=== prompt {i + 1}, sequence {j + 1}{score} ===")
             print(sequence.text if model.manifest.tokenizer_path else " ".join(map(str, sequence.token_ids)))
         return 0
 

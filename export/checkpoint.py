@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gpt2onnx.runtime.errors import ExportError
+
+from gpt2onnx.runtime.errors import ExportError, InvalidInputError
 
 from .graph import ACTIVATIONS, GPT2Spec
 
@@ -60,12 +61,14 @@ def spec_from_config(config: Any) -> GPT2Spec:
     if getattr(config, "model_type", None) != "gpt2":
         kind = getattr(config, "model_type", None) or "unknown"
         names = ", ".join(getattr(config, "architectures", None) or []) or kind
-        raise ExportError(f"not a GPT-2 checkpoint: model type {kind!r} ({names}); export-gpt2 converts GPT-2 only")
+        raise InvalidInputError(
+            f"not a GPT-2 checkpoint: model type {kind!r} ({names}); export-gpt2 converts GPT-2 only"
+        )
     activation = config.activation_function
     if activation not in ACTIVATIONS:
-        raise ExportError(f"unsupported activation function {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+        raise InvalidInputError(f"unsupported activation function {activation!r}; supported: {', '.join(ACTIVATIONS)}")
     if config.n_inner not in (None, 4 * config.n_embd):
-        raise ExportError(f"unsupported n_inner {config.n_inner}; export-gpt2 supports the standard 4 * n_embd")
+        raise InvalidInputError(f"unsupported n_inner {config.n_inner}; export-gpt2 supports the standard 4 * n_embd")
     return GPT2Spec(
         n_layer=config.n_layer,
         n_head=config.n_head,
@@ -114,9 +117,9 @@ def load_pretrained(model_id: str, revision: str | None = None) -> Checkpoint:
 
     local = Path(model_id).expanduser()
     if local.exists() and not local.is_dir():
-        raise ExportError(f"--model {model_id} is a file; give a checkpoint folder or a hub id")
+        raise InvalidInputError(f"--model {model_id} is a file; give a checkpoint folder or a hub id")
     if not local.exists() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
-        raise ExportError(f"checkpoint folder not found: {model_id}")
+        raise InvalidInputError(f"checkpoint folder not found: {model_id}")
     try:
         config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=False)
     except ValueError as error:
@@ -152,7 +155,7 @@ def random_checkpoint(shape: str, seed: int = 0) -> Checkpoint:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if shape not in RANDOM_SHAPES:
-        raise ExportError(f"unknown --random-init shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
+        raise InvalidInputError(f"unknown --random-init shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
     config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=CONTEXT, **RANDOM_SHAPES[shape])
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).eval()

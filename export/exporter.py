@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2onnx.runtime import bundle
-from gpt2onnx.runtime.errors import ExportError
+from gpt2onnx.runtime.errors import ExportError, InvalidInputError
 
 from .checkpoint import Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
 from .graph import CONTRIB, OPSET, QUANT_BLOCK, build_graph
@@ -121,11 +121,29 @@ def _write_manifest(folder: Path, data: dict[str, Any]) -> None:
     (folder / bundle.MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def _remove_stale_staging(output: Path) -> None:
+    """Delete staging folders that killed exports (kill -9, power loss) left beside output."""
+    for folder in output.parent.glob(f".{output.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _place(staging: Path, output: Path, force: bool) -> None:
     """Move the finished staging folder to output; an existing output is replaced only with force."""
     if output.exists():
         if not force:
-            raise ExportError(f"output folder {output} already exists; pass --force to replace it")
+            raise InvalidInputError(f"output folder {output} already exists; pass --force to replace it")
         retired = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(retired)
         staging.rename(output)
@@ -159,7 +177,7 @@ def export_bundle(
     progress = progress or Progress(enabled=False)
     _require_export_dependencies()
     if dtype not in DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
+        raise InvalidInputError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
     graph_dtype = DTYPES[dtype]
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"unsupported quantization {quantize!r}; choose {', '.join(QUANTIZATIONS)}")
@@ -169,10 +187,10 @@ def export_bundle(
         raise ExportError(f"--quantize {quantize} builds on the fused graph; drop --no-optimize")
     output = Path(output) if output is not None else default_output(model, random_init)
     if output.exists() and not force:
-        raise ExportError(f"output folder {output} already exists; pass --force to replace it")
+        raise InvalidInputError(f"output folder {output} already exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         with progress.step(f"loading {'random ' + random_init + ' GPT-2' if random_init else model}"):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError
 

@@ -51,6 +51,7 @@ class ValidationReport:
 
 def _reference_logits(model: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     import torch
+
     from gpt2onnx.runtime.generation import position_ids_from_mask
 
     with torch.no_grad():

@@ -11,6 +11,7 @@ from .session import DecoderSession
 
 TokenChooser = Callable[[np.ndarray], np.ndarray]
 ScoresProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+StoppingCriterion = Callable[[np.ndarray], np.ndarray]  # sequences [rows, length] -> bool [rows]: stop these rows
 
 
 @dataclass
@@ -31,6 +32,10 @@ class PaddedBatch:
                 attention_mask[index, length - len(row) :] = 1
         return cls(input_ids, attention_mask)
 
+    def pad_lengths(self) -> np.ndarray:
+        """Each row's count of left-padding positions."""
+        return (self.attention_mask == 0).sum(axis=1)
+
     def repeat(self, times: int) -> PaddedBatch:
         """Each row repeated `times` times in place (row 0, row 0, ..., row 1, ...), as for beams."""
         return PaddedBatch(np.repeat(self.input_ids, times, axis=0), np.repeat(self.attention_mask, times, axis=0))
@@ -40,11 +45,6 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """Positions counted over real tokens only (cumsum - 1), 0 on padding, as transformers computes them."""
     positions = np.cumsum(attention_mask, axis=1) - 1
     return np.where(attention_mask == 0, 0, positions).astype(np.int64)
-
-
-def greedy_choice(scores: np.ndarray) -> np.ndarray:
-    """The highest-scoring token of each row (first one on ties, as torch.argmax)."""
-    return np.argmax(scores, axis=-1).astype(np.int64)
 
 
 @dataclass
@@ -65,8 +65,9 @@ def token_steps(
     choose: TokenChooser,
     eos_token_ids: Sequence[int],
     pad_token_id: int,
+    stopping: StoppingCriterion | None = None,
 ) -> Iterator[Step]:
-    """Yield one Step per generated token until every row has hit EOS or max_new_tokens is reached.
+    """Yield one Step per generated token until every row has hit EOS (or `stopping`) or max_new_tokens is reached.
 
     Finished rows keep being fed the pad token with attention 1, exactly as transformers' generate does, so that
     every row's tokens equal what transformers produces for the same batch.
@@ -86,6 +87,9 @@ def token_steps(
         tokens = np.where(finished, pad_token_id, choose(scores))
         sequences[:, length] = tokens
         finished = finished | np.isin(tokens, eos)
+        if stopping is not None:
+            active = np.flatnonzero(~finished)
+            finished[active] |= stopping(sequences[active, : length + 1])
         yield Step(tokens, scores, raw, finished.copy())
         if finished.all() or step + 1 == max_new_tokens:
             return

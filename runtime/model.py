@@ -10,13 +10,17 @@ from typing import Any
 
 import numpy as np
 
+from .beam_search import BeamSearch, beam_search
 from .bundle import Manifest, read_manifest
 from .errors import BundleError, InvalidInputError
-from .generation import PaddedBatch, Step, greedy_choice, token_steps
+from .generation import PaddedBatch, Step, token_steps
 from .options import GenerationOptions
 from .outputs import GeneratedSequence, GenerationOutput, PromptResult, Timing
 from .processors import build_logits_processors, softmax
+from .search import Continuation, Sampler, StepLogprobs, greedy_choice, row_continuations, step_logprobs
 from .session import DecoderSession
+from .stop_strings import StopStringCriterion, cut_at_stop
+from .streaming import TextStream
 from .tokenizer import Tokenizer
 
 PromptInput = str | Sequence[str] | None
@@ -68,11 +72,8 @@ class GPT2Model:
 
     def options(self, **overrides: Any) -> GenerationOptions:
         """The bundle's generation defaults overridden by keyword arguments, validated for this model."""
-        options = GenerationOptions.create(self.manifest.generation_defaults, **overrides)
-        if options.eos_token_id is None and self.manifest.eos_token_id is not None:
-            options = GenerationOptions.create({**options.__dict__, "eos_token_id": self.manifest.eos_token_id})
-        options.validate(vocab_size=self.manifest.architecture.vocab_size)
-        return options
+        defaults = {"eos_token_id": self.manifest.eos_token_id, **self.manifest.generation_defaults}
+        return GenerationOptions.create(defaults, vocab_size=self.manifest.architecture.vocab_size, **overrides)
 
     def pad_token_id(self, options: GenerationOptions) -> int:
         for candidate in (options.pad_token_id, self.manifest.pad_token_id, *options.eos_token_ids):
@@ -85,6 +86,8 @@ class GPT2Model:
         if (prompt is None) == (input_ids is None):
             raise InvalidInputError("give either a prompt (text or list of texts) or input_ids, not both or neither")
         if prompt is not None:
+            if not isinstance(prompt, (str, list, tuple)):
+                raise InvalidInputError(f"a prompt must be a string or a list of strings, got {type(prompt).__name__}")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if not prompts:
                 raise InvalidInputError("the list of prompts is empty")
@@ -115,61 +118,89 @@ class GPT2Model:
                 f"{self.context_length} tokens by {over}"
             )
 
+    def _check_request(self, rows: list[list[int]], config: GenerationOptions) -> None:
+        self._check_context(rows, config.max_new_tokens)
+        if config.stop and self._tokenizer is None:
+            raise InvalidInputError(f"stop strings need a tokenizer, and bundle {self.manifest.folder} has none")
+
     def generate(self, prompt: PromptInput = None, *, input_ids: IdsInput = None, **options: Any) -> GenerationOutput:
         """Generate from a prompt, a list of prompts, or input_ids (a list of ids, or a list of such lists).
 
-        Options are transformers' GenerationConfig names (max_new_tokens, min_new_tokens, eos_token_id, ...).
+        Options are transformers' GenerationConfig names (max_new_tokens, do_sample, num_beams, ...) plus seed,
+        stop (strings that end a sequence and are cut from its text), output_scores and top_logprobs (per-step
+        log-probabilities of the chosen tokens and of the N best alternatives).
         """
         config = self.options(**options)
         encoded = self.encode(prompt, input_ids)
-        self._check_context(encoded.rows, config.max_new_tokens)
-        pad = self.pad_token_id(config)
-        batch = PaddedBatch.from_rows(encoded.rows, pad)
+        self._check_request(encoded.rows, config)
+        batch = PaddedBatch.from_rows(encoded.rows, self.pad_token_id(config))
         start = time.perf_counter()
-        generated: list[list[int]] = [[] for _ in encoded.rows]
-        ended = [False] * len(encoded.rows)
-        prefill_s = 0.0
-        steps = 0
-        for step in self._steps(batch, config, pad):
-            if steps == 0:
-                prefill_s = time.perf_counter() - start
-            steps += 1
-            for row, token in enumerate(step.tokens.tolist()):
-                if not ended[row]:
-                    generated[row].append(token)
-                    ended[row] = bool(step.finished[row])
+        if config.num_beams > 1:
+            continuations, steps, prefill_s = self._beam_search(batch, config)
+        else:
+            continuations, steps, prefill_s = self._sample(batch, config)
         total_s = time.perf_counter() - start
         timing = Timing(
             prefill_ms=prefill_s * 1000,
             decode_ms_per_token=(total_s - prefill_s) * 1000 / (steps - 1) if steps > 1 else 0.0,
-            tokens_generated=sum(len(tokens) for tokens in generated),
+            tokens_generated=sum(len(item.tokens) for item in continuations),
         )
+        count = config.num_return_sequences
         results = [
-            PromptResult(text, row, [self._sequence(row, tokens, config, done)])
-            for text, row, tokens, done in zip(encoded.prompts, encoded.rows, generated, ended, strict=True)
+            PromptResult(
+                text, row, [self._sequence(row, item, config) for item in continuations[i * count : (i + 1) * count]]
+            )
+            for i, (text, row) in enumerate(zip(encoded.prompts, encoded.rows, strict=True))
         ]
         return GenerationOutput(results, timing)
 
+    def _sample(self, batch: PaddedBatch, config: GenerationOptions) -> tuple[list[Continuation], int, float]:
+        """Greedy search or sampling: num_return_sequences rows per prompt, one token per row and step."""
+        record = config.output_scores or config.top_logprobs > 0
+        tokens: list[np.ndarray] = []
+        finished: list[np.ndarray] = []
+        logprobs: list[StepLogprobs] = []
+        start = time.perf_counter()
+        prefill_s = 0.0
+        for step in self._steps(batch.repeat(config.num_return_sequences), config):
+            if not tokens:
+                prefill_s = time.perf_counter() - start
+            tokens.append(step.tokens)
+            finished.append(step.finished)
+            if record:
+                logprobs.append(step_logprobs(step.scores, step.tokens, config.top_logprobs))
+        return row_continuations(tokens, finished, logprobs), len(tokens), prefill_s
+
+    def _beam_search(self, batch: PaddedBatch, config: GenerationOptions) -> tuple[list[Continuation], int, float]:
+        prompt_length = batch.input_ids.shape[1]
+        pad_lengths = np.repeat(batch.pad_lengths(), config.num_beams)
+        processors = build_logits_processors(config, prompt_length, config.eos_token_ids, pad_lengths)
+        search = BeamSearch(batch, config, self._stopping(config, prompt_length))
+        output = beam_search(self.session, batch, processors, search)
+        return output.continuations, output.steps, output.prefill_seconds
+
     def stream(
         self, prompt: str | None = None, *, input_ids: Sequence[int] | None = None, **options: Any
-    ) -> Iterator[str]:
-        """Yield text pieces of one prompt's continuation as tokens arrive; never splits a UTF-8 character."""
+    ) -> TextStream:
+        """Text pieces of one prompt's continuation as tokens arrive (greedy search or sampling), as a TextStream.
+
+        Never splits a UTF-8 character, and never yields text that turns out to belong to a stop string: the pieces
+        join to exactly generate(...).text; after the last piece the stream's finish_reason and token_ids are set.
+        Arguments are checked at the call, before the first piece is asked for.
+        """
         if prompt is not None and not isinstance(prompt, str):
             raise InvalidInputError("stream() takes one prompt (a string), not a list")
         if input_ids is not None and _id_rows(input_ids) and len(_id_rows(input_ids)) != 1:
             raise InvalidInputError("stream() takes one sequence of input_ids, not a batch")
         config = self.options(**options)
+        if config.num_beams > 1:
+            raise InvalidInputError("stream() works with greedy search and sampling, not beam search (num_beams > 1)")
+        if config.num_return_sequences > 1:
+            raise InvalidInputError("stream() yields one sequence: num_return_sequences must be 1")
         encoded = self.encode(prompt, input_ids)
-        self._check_context(encoded.rows, config.max_new_tokens)
-        pad = self.pad_token_id(config)
-        decoder = self.tokenizer.stream_decoder()
-        for step in self._steps(PaddedBatch.from_rows(encoded.rows, pad), config, pad):
-            piece = decoder.push(int(step.tokens[0]))
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+        self._check_request(encoded.rows, config)
+        batch = PaddedBatch.from_rows(encoded.rows, self.pad_token_id(config))
+        return TextStream(self._steps(batch, config), self.tokenizer.stream_decoder(), config.stop)
 
     def next_token_probs(
         self, prompt: str | None = None, *, input_ids: Sequence[int] | None = None, top: int = 10
@@ -193,25 +224,42 @@ class GPT2Model:
         texts = self._tokenizer.token_strings(order.tolist()) if self._tokenizer else [None] * len(order)
         return [TokenProbability(int(i), text, float(probabilities[i])) for i, text in zip(order, texts, strict=True)]
 
-    def _steps(self, batch: PaddedBatch, config: GenerationOptions, pad: int) -> Iterator[Step]:
-        processors = build_logits_processors(config, batch.input_ids.shape[1], config.eos_token_ids)
+    def _steps(self, batch: PaddedBatch, config: GenerationOptions) -> Iterator[Step]:
+        prompt_length = batch.input_ids.shape[1]
+        processors = build_logits_processors(config, prompt_length, config.eos_token_ids, batch.pad_lengths())
+        choose = Sampler(config.seed) if config.do_sample else greedy_choice
         return token_steps(
-            self.session, batch, config.max_new_tokens, processors, greedy_choice, config.eos_token_ids, pad
+            self.session,
+            batch,
+            config.max_new_tokens,
+            processors,
+            choose,
+            config.eos_token_ids,
+            self.pad_token_id(config),
+            self._stopping(config, prompt_length),
         )
 
+    def _stopping(self, config: GenerationOptions, prompt_length: int) -> StopStringCriterion | None:
+        return StopStringCriterion(self.tokenizer, config.stop, prompt_length) if config.stop else None
+
     def _sequence(
-        self, prompt_ids: list[int], tokens: list[int], config: GenerationOptions, ended: bool
+        self, prompt_ids: list[int], continuation: Continuation, config: GenerationOptions
     ) -> GeneratedSequence:
-        text = generated_text = None
+        tokens = continuation.tokens.tolist()
+        text = generated_text = ""
         if self._tokenizer is not None:
             generated_text = self._tokenizer.decode(tokens, skip_special_tokens=True)
             text = self._tokenizer.decode(prompt_ids + tokens, skip_special_tokens=True)
+            kept, _ = cut_at_stop(generated_text, config.stop)
+            text, generated_text = text[: len(text) - (len(generated_text) - len(kept))], kept
         return GeneratedSequence(
             token_ids=prompt_ids + tokens,
             generated_token_ids=tokens,
-            text=text if text is not None else "",
-            generated_text=generated_text if generated_text is not None else "",
-            finish_reason="stop" if ended else "length",
+            text=text,
+            generated_text=generated_text,
+            score=continuation.score,
+            logprobs=continuation.token_logprobs(),
+            finish_reason="stop" if continuation.stopped else "length",
         )
 
 

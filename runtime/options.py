@@ -44,24 +44,32 @@ class GenerationOptions:
     top_logprobs: int = 0
 
     @classmethod
-    def create(cls, base: Mapping[str, Any] | None = None, **overrides: Any) -> GenerationOptions:
-        """Build options from defaults (e.g. the bundle's), overridden by keyword arguments; then validate."""
+    def create(
+        cls, base: Mapping[str, Any] | None = None, vocab_size: int | None = None, **overrides: Any
+    ) -> GenerationOptions:
+        """Build options from defaults (e.g. the bundle's), overridden by keyword arguments; then validate.
+
+        None values (in base or overrides) mean "the default"; vocab_size, when given, bounds every token id.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise InvalidInputError(f"unknown generation option(s): {', '.join(unknown)}")
-        values = {key: value for key, value in (base or {}).items() if key in names}
-        values.update({key: value for key, value in overrides.items() if value is not None or key in ("min_p",)})
+        values = {key: value for key, value in (base or {}).items() if key in names and value is not None}
+        values.update({key: value for key, value in overrides.items() if value is not None})
         if isinstance(values.get("stop"), str):
             values["stop"] = (values["stop"],)
         if values.get("stop") is not None:
-            values["stop"] = tuple(values["stop"])
+            values["stop"] = _tuple_of(values["stop"], "stop", "a string or a list of strings")
         if values.get("bad_words_ids") is not None:
-            values["bad_words_ids"] = tuple(tuple(words) for words in values["bad_words_ids"])
+            values["bad_words_ids"] = tuple(
+                _tuple_of(words, "bad_words_ids", "a list of token-id lists")
+                for words in _tuple_of(values["bad_words_ids"], "bad_words_ids", "a list of token-id lists")
+            )
         if isinstance(values.get("eos_token_id"), Sequence):
-            values["eos_token_id"] = tuple(values["eos_token_id"])
+            values["eos_token_id"] = _tuple_of(values["eos_token_id"], "eos_token_id", "a token id or a list of them")
         options = cls(**values)
-        options.validate()
+        options.validate(vocab_size)
         return options
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -87,10 +95,14 @@ class GenerationOptions:
         if not any(self.early_stopping is value for value in EARLY_STOPPING_VALUES):
             raise InvalidInputError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         _int(self.num_return_sequences, "num_return_sequences", 1)
-        if self.num_return_sequences > self.num_beams and not self.do_sample:
+        if self.num_return_sequences > self.num_beams and self.num_beams > 1:
             raise InvalidInputError(
-                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams}) "
-                "unless sampling"
+                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams})"
+            )
+        if self.num_return_sequences > 1 and self.num_beams == 1 and not self.do_sample:
+            raise InvalidInputError(
+                f"num_return_sequences ({self.num_return_sequences}) > 1 needs do_sample=True or num_beams >= "
+                f"{self.num_return_sequences}: greedy search has only one answer"
             )
         if self.seed is not None:
             _int(self.seed, "seed", 0)
@@ -113,6 +125,12 @@ class GenerationOptions:
         if self.eos_token_id is None:
             return ()
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+
+def _tuple_of(value: Any, name: str, expected: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InvalidInputError(f"{name} must be {expected}, got {value!r}")
+    return tuple(value)
 
 
 def _int(value: Any, name: str, low: int | None = None) -> None:

@@ -209,6 +209,7 @@ def test_select_keeps_identity_without_copy(bundles: dict[str, Path]) -> None:
 
 def test_gather_rows_model_is_valid_onnx() -> None:
     import onnx
+
     from gpt2onnx.runtime._proto import gather_rows_model
 
     model = onnx.load_from_string(gather_rows_model(3, np.float16))

@@ -1,0 +1,121 @@
+"""Choosing tokens from processed scores (greedy, sampling, exact top-k) and what a continuation records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .outputs import TokenLogprob
+from .processors import log_softmax
+
+StepLogprobs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]  # chosen [rows], top ids / values [rows, top]
+
+
+@dataclass
+class Continuation:
+    """One generated continuation before decoding: its tokens, why it ended, and what was asked for on the side."""
+
+    tokens: np.ndarray  # generated ids
+    stopped: bool  # ended by EOS or a stop string (else by the length limit)
+    score: float | None = None  # beams: sum of log-probabilities / length ** length_penalty
+    logprobs: np.ndarray | None = None  # [steps] log-probability of each chosen token under the processed scores
+    top_ids: np.ndarray | None = None  # [steps, top] the best alternatives at each step
+    top_logprobs: np.ndarray | None = None
+
+    def token_logprobs(self) -> list[TokenLogprob] | None:
+        """The per-step log-probabilities as TokenLogprob entries (None when they were not recorded)."""
+        if self.logprobs is None:
+            return None
+        entries = []
+        for step, (token, logprob) in enumerate(zip(self.tokens.tolist(), self.logprobs.tolist(), strict=True)):
+            alternatives: list[tuple[int, float]] = []
+            if self.top_ids is not None and self.top_logprobs is not None:
+                alternatives = list(zip(self.top_ids[step].tolist(), self.top_logprobs[step].tolist(), strict=True))
+            entries.append(TokenLogprob(int(token), float(logprob), alternatives))
+        return entries
+
+
+def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest entries of each row of a 2-D array and their indices, best first; ties go to the lower index.
+
+    A few passes over the row, no sort of it: the k-th largest of many block maxima bounds the k-th largest entry
+    from below, so only the entries at or above that bound (usually few) are sorted.
+    """
+    rows, width = values.shape
+    k = min(k, width)
+    blocks = min(width, 32 * k)
+    maxima = np.maximum.reduceat(values, (np.arange(blocks) * width) // blocks, axis=1)
+    bound = np.partition(maxima, blocks - k, axis=1)[:, blocks - k]
+    row, column = np.nonzero(values >= bound[:, None])
+    found = values[row, column]
+    order = np.lexsort((column, -found, row))  # by row, then best first, then lower index
+    counts = np.bincount(row, minlength=rows)
+    take = (np.cumsum(counts) - counts)[:, None] + np.arange(k)
+    return found[order][take], column[order][take]
+
+
+def greedy_choice(scores: np.ndarray) -> np.ndarray:
+    """The highest-scoring token of each row (first one on ties, as torch.argmax)."""
+    return np.argmax(scores, axis=-1).astype(np.int64)
+
+
+class Sampler:
+    """Draws tokens from softmax(scores) (torch.multinomial's distribution) with a seeded numpy Generator."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        """One token per row."""
+        probabilities = np.exp(log_softmax(scores))
+        cumulative = np.cumsum(probabilities, axis=-1, dtype=np.float64)
+        total = cumulative[:, -1]
+        # The first index whose cumulative mass passes u * total (kept below total): probability-0 tokens never win.
+        targets = np.minimum(self.rng.random(scores.shape[0]) * total, np.nextafter(total, 0))
+        return (cumulative <= targets[:, None]).sum(axis=-1).astype(np.int64)
+
+    def without_replacement(self, scores: np.ndarray, count: int) -> np.ndarray:
+        """`count` distinct indices per row drawn without replacement from softmax(scores).
+
+        The exponential race (largest p_i / E_i first, E_i ~ Exp(1)) is sequential weighted sampling without
+        replacement, the distribution of torch.multinomial(..., replacement=False).
+        """
+        probabilities = np.exp(log_softmax(scores))
+        keys = probabilities / self.rng.standard_exponential(probabilities.shape)  # float64: never 0 in practice
+        return top_k(keys, count)[1]
+
+
+def step_logprobs(scores: np.ndarray, tokens: np.ndarray, top: int) -> StepLogprobs:
+    """Log-probabilities (log-softmax of the processed scores) of the chosen tokens, and the `top` best per row."""
+    logprobs = log_softmax(scores)
+    chosen = np.take_along_axis(logprobs, tokens[:, None], axis=1)[:, 0]
+    if top == 0:
+        return chosen, None, None
+    best, best_ids = top_k(logprobs, top)
+    return chosen, best_ids, best
+
+
+def row_continuations(
+    tokens: Sequence[np.ndarray], finished: Sequence[np.ndarray], logprobs: Sequence[StepLogprobs] = ()
+) -> list[Continuation]:
+    """Per-row continuations from per-step arrays ([rows] tokens and finished flags, step_logprobs' triples).
+
+    A row ends at the step where it finished; its later steps hold padding.
+    """
+    token_steps, finished_steps = np.stack(tokens, axis=1), np.stack(finished, axis=1)  # [rows, steps]
+    ended = finished_steps[:, -1]
+    lengths = np.where(ended, finished_steps.argmax(axis=1) + 1, finished_steps.shape[1])
+    stacked: list[np.ndarray | None] = [None, None, None]
+    if logprobs:
+        stacked = [None if parts[0] is None else np.stack(parts, axis=1) for parts in zip(*logprobs, strict=True)]
+    return [
+        Continuation(
+            token_steps[row, :length],
+            bool(ended[row]),
+            None,
+            *(None if array is None else array[row, :length] for array in stacked),
+        )
+        for row, length in enumerate(lengths.tolist())
+    ]

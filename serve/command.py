@@ -1,0 +1,82 @@
+"""gpt2-serve: load a bundle and serve it over HTTP with uvicorn (loopback only unless told otherwise)."""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import sys
+
+from gpt2onnx import __version__
+from gpt2onnx.cli.common import EXIT_FAILURE, EXIT_OK, ArgumentParser, non_negative_int, positive_int, run_command
+
+PROG = "gpt2-serve"
+DEFAULT_BUNDLE = "models/gpt2"
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Serve a GPT-2 bundle over HTTP with OpenAI's /v1/completions API (no PyTorch needed).",
+    )
+    parser.add_argument("--model", default=DEFAULT_BUNDLE, help=f"bundle folder (default: {DEFAULT_BUNDLE})")
+    parser.add_argument(
+        "--model-name", help="model id the API shows and accepts (default: the bundle's source model, e.g. gpt2)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    parser.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads per generation (default: physical cores)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="generations run at once (default: 1)")
+    parser.add_argument(
+        "--queue-size", type=non_negative_int, default=8, help="requests that may wait for a worker; more get 503"
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    parser.add_argument(
+        "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="uvicorn's"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        try:
+            import uvicorn
+
+            from .app import create_app
+        except ImportError as error:
+            print(f"{PROG}: error: {error}; install the serve extra: pip install 'gpt2-onnx[serve]'", file=sys.stderr)
+            return EXIT_FAILURE
+        import gpt2onnx
+
+        model = gpt2onnx.load(
+            args.model, provider=args.provider, verify_hashes=not args.no_verify, threads=args.threads
+        )
+        app = create_app(model, workers=args.workers, queue_size=args.queue_size, model_id=args.model_name)
+        if not is_loopback(args.host):
+            print(
+                f"{PROG}: warning: listening on {args.host}, reachable from other machines, with no authentication",
+                file=sys.stderr,
+            )
+        print(f"{PROG}: serving {args.model_name or model.name!r} on {model.provider}", file=sys.stderr)
+        # uvicorn stops gracefully on SIGTERM, then raises it again: a normal stop, not a failure.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_OK))
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+
+    return run_command(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

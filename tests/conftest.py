@@ -1,0 +1,108 @@
+"""Shared fixtures: files from ../shared (or the hub), and random-weight GPT-2 checkpoints exported to bundles.
+
+Files from ../shared: used when present; on a fresh clone without ../shared the tokenizer comes from the hub when
+it is reachable, else the test is skipped saying why; under CI (CI=true) a missing ../shared file is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared; fails under CI and skips elsewhere when it is missing."""
+    path = SHARED / relative
+    if path.exists():
+        return path
+    if IN_CI:
+        pytest.fail(f"CI needs ../shared/{relative} beside the checkout, and it is missing")
+    pytest.skip(f"../shared/{relative} is not beside this checkout")
+
+
+def gpt2_tokenizer_dir(tmp_root: Path) -> Path:
+    """A folder holding the real GPT-2 tokenizer.json: ../shared/gpt2-tokenizer, else downloaded from the hub."""
+    path = SHARED / "gpt2-tokenizer"
+    if (path / "tokenizer.json").exists():
+        return path
+    if IN_CI:
+        pytest.fail("CI needs ../shared/gpt2-tokenizer/tokenizer.json beside the checkout, and it is missing")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        downloaded = Path(hf_hub_download("openai-community/gpt2", "tokenizer.json", cache_dir=str(tmp_root / "hub")))
+    except Exception as error:  # no ../shared and no hub: nothing to test against
+        pytest.skip(f"no ../shared/gpt2-tokenizer and the hub is unreachable ({type(error).__name__})")
+    target = tmp_root / "gpt2-tokenizer"
+    target.mkdir(exist_ok=True)
+    shutil.copyfile(downloaded, target / "tokenizer.json")
+    return target
+
+
+@dataclass(frozen=True)
+class RandomGPT2:
+    """A random-weight GPT-2 saved as a transformers checkpoint folder, and its exported bundle."""
+
+    checkpoint: Path
+    bundle: Path
+
+    def torch_model(self):
+        from transformers import GPT2LMHeadModel
+
+        return GPT2LMHeadModel.from_pretrained(self.checkpoint).eval()
+
+
+SHAPES = {
+    # Small vocabularies keep tiny models fast; initializer_range 0.2 gives peaked, varied outputs.
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 50257, "n_positions": 1024},
+    "tiny-wide": {"n_layer": 3, "n_head": 4, "n_embd": 64, "vocab_size": 1000, "n_positions": 128},
+    "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024},
+}
+
+
+def build_random_gpt2(root: Path, shape: str, seed: int, tokenizer_dir: Path | None = None, **config) -> RandomGPT2:
+    """Save a seeded random GPT2LMHeadModel of a named shape and export it with export_bundle."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt2onnx.export.exporter import export_bundle
+
+    checkpoint = root / f"{shape}-{seed}-checkpoint"
+    settings = {"initializer_range": 0.2, **SHAPES[shape], **config}
+    last_token = settings["vocab_size"] - 1
+    settings.setdefault("bos_token_id", min(50256, last_token))
+    settings.setdefault("eos_token_id", min(50256, last_token))
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**settings)).eval()
+    model.save_pretrained(checkpoint)
+    if tokenizer_dir is not None:
+        shutil.copyfile(tokenizer_dir / "tokenizer.json", checkpoint / "tokenizer.json")
+    bundle = export_bundle(str(checkpoint), root / f"{shape}-{seed}-bundle", seed=seed)
+    return RandomGPT2(checkpoint, bundle)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return gpt2_tokenizer_dir(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> RandomGPT2:
+    """A tiny random GPT-2 with the full GPT-2 vocabulary and the real tokenizer."""
+    return build_random_gpt2(tmp_path_factory.mktemp("tiny"), "tiny", seed=1, tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def small_gpt2(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> RandomGPT2:
+    """A random GPT-2 of GPT-2-small's shape (12 layers, 12 heads, 768 wide, 50257 tokens)."""
+    return build_random_gpt2(
+        tmp_path_factory.mktemp("small"), "gpt2-small", seed=3, tokenizer_dir=tokenizer_dir, initializer_range=0.05
+    )

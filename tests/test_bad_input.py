@@ -1,0 +1,183 @@
+"""Every documented bad input gets InvalidInputError (a ValueError) from the API and exit code 2 from the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gpt2onnx
+from conftest import RandomGPT2
+from gpt2onnx.cli import generate_command
+
+# (API keyword arguments, CLI arguments or None where the CLI cannot express it, message fragment)
+BAD_INPUTS: list[tuple[dict[str, Any], list[str] | None, str]] = [
+    (
+        {"input_ids": [11] * 1000, "max_new_tokens": 30},
+        ["--input-ids", ",".join(["11"] * 1000), "--max-new-tokens", "30"],
+        "exceeds the model's context of 1024 tokens by 6",
+    ),
+    ({"max_new_tokens": 0}, ["--max-new-tokens", "0"], "max"),
+    ({"max_new_tokens": -3}, ["--max-new-tokens", "-3"], "max"),
+    ({"max_new_tokens": 2.5}, ["--max-new-tokens", "2.5"], "max"),
+    ({"min_new_tokens": -1}, ["--min-new-tokens", "-1"], "min"),
+    ({"min_new_tokens": 30, "max_new_tokens": 20}, ["--min-new-tokens", "30"], "must not exceed max_new_tokens"),
+    ({"do_sample": True, "temperature": 0.0}, ["--do-sample", "--temperature", "0"], "temperature must be > 0"),
+    ({"do_sample": True, "temperature": -1.0}, ["--do-sample", "--temperature", "-1"], "temperature must be > 0"),
+    ({"top_p": 0.0}, ["--top-p", "0"], "top_p must be > 0"),
+    ({"top_p": 1.5}, ["--top-p", "1.5"], "top_p must be <= 1"),
+    ({"top_k": -1}, ["--top-k", "-1"], "top"),
+    ({"num_beams": 0}, ["--num-beams", "0"], "beams"),
+    (
+        {"num_beams": 2, "num_return_sequences": 3},
+        ["--num-beams", "2", "--num-return-sequences", "3"],
+        "num_return_sequences (3) must not exceed num_beams (2)",
+    ),
+    ({"input_ids": [1, 2, 50257]}, ["--input-ids", "1,2,50257"], "token id 50257 is outside the vocabulary"),
+    ({"input_ids": [-1]}, ["--input-ids", "-1"], "token id -1 is outside the vocabulary"),
+    ({"prompt": "bad \udcff bytes"}, ["bad \udcff bytes"], "not valid UTF-8"),
+    ({"prompt": "nul \x00 byte"}, ["nul \x00 byte"], "NUL character"),
+    ({"prompt": 42}, None, "a prompt must be a string or a list of strings, got int"),
+    ({"prompt": ["ok", 7]}, None, "a prompt must be a string, got int"),
+    ({"prompt": []}, None, "the list of prompts is empty"),
+    ({"input_ids": []}, None, "input_ids must be a non-empty list"),
+    ({"input_ids": [1.5]}, None, "input_ids must hold integers"),
+    ({"prompt": "a", "input_ids": [1]}, None, "give either a prompt"),
+    ({"repetition_penalty": 0.0}, ["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+    ({"early_stopping": "sometimes"}, ["--early-stopping", "sometimes"], "early"),
+    ({"no_such_option": 1}, None, "unknown generation option(s): no_such_option"),
+    ({"stop": [""]}, ["--stop", ""], "stop strings must be non-empty"),
+    ({"eos_token_id": 10**6}, None, "token id 1000000 is outside the vocabulary"),
+]
+
+
+def call_api(model, kwargs: dict[str, Any]):
+    kwargs = dict(kwargs)
+    prompt = kwargs.pop("prompt", None if "input_ids" in kwargs else "Artificial intelligence")
+    return model.generate(prompt, **kwargs)
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = generate_command.main(args)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gpt2: RandomGPT2):
+    return gpt2onnx.load(tiny_gpt2.bundle)
+
+
+@pytest.mark.parametrize(("kwargs", "cli", "fragment"), BAD_INPUTS, ids=[str(case[0])[:60] for case in BAD_INPUTS])
+def test_bad_input(model, tiny_gpt2: RandomGPT2, kwargs: dict, cli: list[str] | None, fragment: str) -> None:
+    with pytest.raises(gpt2onnx.InvalidInputError) as caught:
+        call_api(model, kwargs)
+    assert isinstance(caught.value, ValueError)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+    if cli is not None:
+        if (
+            not any(arg.startswith("--input-ids") for arg in cli)
+            and not cli[0].startswith("bad")
+            and "nul" not in cli[0]
+        ):
+            cli = ["Artificial intelligence", *cli]
+        code, _, stderr = run_cli([*cli, "--model", str(tiny_gpt2.bundle)])
+        assert code == 2, stderr
+        assert stderr.count("\n") == 1 and stderr.startswith("gpt2-generate: error:")
+
+
+def test_empty_prompt_starts_from_bos(model) -> None:
+    output = model.generate("", max_new_tokens=3)
+    assert output.results[0].prompt_token_ids == [model.manifest.bos_token_id]
+    assert output.results[0].prompt == ""
+
+
+OPTION_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.sampled_from(["never", True, False, [1, 2], [[3]], 0.5, 1, 2]),
+)
+OPTION_NAMES = [
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "num_return_sequences",
+    "seed",
+    "stop",
+    "eos_token_id",
+    "pad_token_id",
+    "bad_words_ids",
+]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    options=st.dictionaries(st.sampled_from(OPTION_NAMES), OPTION_VALUES, max_size=5),
+    prompt=st.one_of(
+        st.text(max_size=30), st.binary(max_size=20).map(lambda raw: raw.decode("utf-8", "surrogateescape"))
+    ),
+)
+def test_random_options_and_prompts_give_results_or_the_documented_error(model, options: dict, prompt: str) -> None:
+    options.setdefault("max_new_tokens", 3)
+    try:
+        limit = model.options(**options).max_new_tokens
+        output = model.generate(prompt, **options)
+    except gpt2onnx.InvalidInputError as error:
+        assert "\n" not in str(error)
+        return
+    for sequence in output.sequences:
+        assert 1 <= len(sequence.generated_token_ids) <= limit
+
+
+CLI_WORDS = [
+    "--max-new-tokens",
+    "--top-k",
+    "--top-p",
+    "--temperature",
+    "--num-beams",
+    "--do-sample",
+    "--seed",
+    "--json",
+    "--stream",
+    "--input-ids",
+    "--stop",
+    "3",
+    "0",
+    "-1",
+    "1.5",
+    "nan",
+    "1,2",
+    "x",
+    "é🤖",
+    "",
+]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.sampled_from(CLI_WORDS), max_size=7))
+def test_random_command_lines_give_results_or_exit_2(tiny_gpt2: RandomGPT2, words: list[str]) -> None:
+    code, _, stderr = run_cli([*words, "--max-new-tokens", "2", "--model", str(tiny_gpt2.bundle)])
+    assert code in (0, 2), stderr
+    if code == 2:
+        assert stderr.count("\n") == 1 and "Traceback" not in stderr

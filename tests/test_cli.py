@@ -1,0 +1,138 @@
+"""The console scripts: DESIGN.md's --json schema, tables, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gpt2onnx
+from conftest import RandomGPT2
+
+TIMING_KEYS = {"prefill_ms", "decode_ms_per_token", "tokens_generated"}
+SEQUENCE_KEYS = {"token_ids", "generated_token_ids", "text", "generated_text", "score"}
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    script = "gpt2onnx.cli.generate_command" if args[0] == "generate" else "gpt2onnx.cli.export_command"
+    return subprocess.run(
+        [sys.executable, "-m", script, *args[1:]], capture_output=True, text=True, input=stdin, timeout=300
+    )
+
+
+def test_json_output_matches_the_design_schema(tiny_gpt2: RandomGPT2) -> None:
+    result = run_cli(
+        "generate",
+        "Artificial intelligence",
+        "Hello",
+        "--model",
+        str(tiny_gpt2.bundle),
+        "--json",
+        "--max-new-tokens",
+        "5",
+        "--provider",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document) == {"model", "provider", "results", "timing"}
+    assert isinstance(document["model"], str) and document["provider"] == "cpu"
+    assert set(document["timing"]) == TIMING_KEYS and document["timing"]["tokens_generated"] == 10
+    model = gpt2onnx.load(tiny_gpt2.bundle, provider="cpu")
+    expected = model.generate(["Artificial intelligence", "Hello"], max_new_tokens=5)
+    for entry, result_ in zip(document["results"], expected.results, strict=True):
+        assert set(entry) == {"prompt", "prompt_token_ids", "sequences"}
+        assert entry["prompt"] == result_.prompt and entry["prompt_token_ids"] == result_.prompt_token_ids
+        sequence = entry["sequences"][0]
+        assert set(sequence) >= SEQUENCE_KEYS
+        assert sequence["generated_token_ids"] == result_.sequences[0].generated_token_ids
+        assert sequence["text"] == result_.sequences[0].text
+        assert isinstance(sequence["generated_text"], str)
+        assert sequence["token_ids"] == entry["prompt_token_ids"] + sequence["generated_token_ids"]
+
+
+def test_input_ids_and_plain_text_output(tiny_gpt2: RandomGPT2) -> None:
+    result = run_cli(
+        "generate", "--input-ids", "8001,9542,4430", "--model", str(tiny_gpt2.bundle), "--json", "--max-new-tokens", "3"
+    )
+    assert result.returncode == 0, result.stderr
+    entry = json.loads(result.stdout)["results"][0]
+    assert entry["prompt"] is None and entry["prompt_token_ids"] == [8001, 9542, 4430]
+    plain = run_cli("generate", "Artificial intelligence", "--model", str(tiny_gpt2.bundle), "--max-new-tokens", "3")
+    assert plain.returncode == 0 and plain.stdout.startswith("Artificial intelligence")
+
+
+def test_show_tokens_and_top_probs_tables(tiny_gpt2: RandomGPT2) -> None:
+    result = run_cli(
+        "generate",
+        "Artificial intelligence",
+        "--model",
+        str(tiny_gpt2.bundle),
+        "--show-tokens",
+        "--top-probs",
+        "10",
+        "--max-new-tokens",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["|Art| -> 8001", "|ificial| -> 9542", "| intelligence| -> 4430"]
+    table = [line for line in lines if line.strip()[:2].strip().isdigit() and "%" in line]
+    assert len(table) == 10
+    model = gpt2onnx.load(tiny_gpt2.bundle, provider="cpu")
+    best = model.next_token_probs("Artificial intelligence", top=10)
+    assert str(best[0].token_id) in table[0]
+    assert all(a.probability >= b.probability for a, b in itertools.pairwise(best))
+
+
+def test_stream_prints_the_same_text(tiny_gpt2: RandomGPT2) -> None:
+    args = ("generate", "Artificial intelligence", "--model", str(tiny_gpt2.bundle), "--max-new-tokens", "8")
+    streamed = run_cli(*args, "--stream")
+    plain = run_cli(*args)
+    assert streamed.returncode == 0 and streamed.stdout == plain.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("x", "--model", "{missing}"), "bundle folder not found"),
+        (("--input-ids", "{long_prompt}", "--max-new-tokens", "5"), "exceeds the model's context of 1024 tokens by"),
+        (("x", "--max-new-tokens", "0"), "--max-new-tokens"),
+        (("x", "--top-p", "1.5"), "top_p must be"),
+        (("x", "--temperature", "nan"), "--temperature"),
+        (("--input-ids", "1,x,3"), "--input-ids"),
+        (("--input-ids", "99999999"), "outside the vocabulary"),
+        ((), "give a PROMPT"),
+        (("x", "--provider", "cuda"), "provider 'cuda'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tiny_gpt2: RandomGPT2, tmp_path: Path, args: tuple, fragment: str) -> None:
+    values = {"missing": str(tmp_path / "nowhere"), "long_prompt": ",".join(["11"] * 1020)}
+    args = tuple(arg.format(**values) for arg in args)
+    if "--model" not in args:
+        args = (*args, "--model", str(tiny_gpt2.bundle))
+    result = run_cli("generate", *args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert fragment in result.stderr
+
+
+def test_version_and_help() -> None:
+    for command in ("generate", "export"):
+        version = run_cli(command, "--version")
+        assert version.returncode == 0 and gpt2onnx.__version__ in version.stdout
+        help_text = run_cli(command, "--help")
+        assert help_text.returncode == 0 and "usage:" in help_text.stdout
+
+
+def test_export_refuses_existing_output_and_missing_checkpoint(tiny_gpt2: RandomGPT2, tmp_path: Path) -> None:
+    existing = run_cli("export", "--model", str(tiny_gpt2.checkpoint), "--output", str(tiny_gpt2.bundle))
+    assert existing.returncode == 2 and "already exists; pass --force" in existing.stderr
+    missing = run_cli("export", "--model", str(tmp_path / "no-such-checkpoint"), "--output", str(tmp_path / "out"))
+    assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "out").exists()
+    assert not any(path.name.startswith(".out.partial") for path in tmp_path.iterdir())

@@ -1,0 +1,156 @@
+"""Interrupted exports, interrupted streams, threads and long loops: no crash, no hang, no half-written files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+import gpt2onnx
+from conftest import RandomGPT2
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def start_export(target: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpt2onnx.cli.export_command", "--random-init", "small", "--output", str(target)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def staging_folders(target: Path) -> list[Path]:
+    return list(target.parent.glob(f".{target.name}.partial-*"))
+
+
+def test_killed_export_leaves_no_bundle_and_the_next_export_cleans_up(tmp_path: Path) -> None:
+    target = tmp_path / "bundle"
+    process = start_export(target)
+    try:
+        wait_for(lambda: any(folder.glob("model.onnx") for folder in staging_folders(target)), 300, "the graph file")
+        process.kill()  # SIGKILL: no cleanup code runs
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert not (target / "bundle.json").exists() and not target.exists()
+    assert staging_folders(target), "the killed export's staging folder is expected to remain until the next export"
+    from gpt2onnx.export.exporter import export_bundle
+
+    export_bundle(output=tmp_path / "bundle", random_init="tiny")
+    assert not staging_folders(target) and (target / "bundle.json").exists()
+
+
+def test_interrupted_export_cleans_up_and_exits_130(tmp_path: Path) -> None:
+    target = tmp_path / "bundle"
+    process = start_export(target)
+    try:
+        wait_for(lambda: bool(staging_folders(target)), 300, "the staging folder")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not target.exists() and not staging_folders(target)
+
+
+def test_ctrl_c_during_stream_stops_promptly_keeping_the_text(tiny_gpt2: RandomGPT2) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-u",
+            "-m",
+            "gpt2onnx.cli.generate_command",
+            "Artificial intelligence",
+            "--stream",
+            "--model",
+            str(tiny_gpt2.bundle),
+            "--max-new-tokens",
+            "1000",
+            "--min-new-tokens",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        first = process.stdout.read(len("Artificial intelligence") + 1)
+        process.send_signal(signal.SIGINT)
+        rest, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    text = (first + rest).decode("utf-8")
+    assert text.startswith("Artificial intelligence")
+    model = gpt2onnx.load(tiny_gpt2.bundle)
+    full = model.generate("Artificial intelligence", max_new_tokens=1000, min_new_tokens=1000).results[0].sequences[0]
+    printed = text.rstrip("\n")
+    assert full.text.startswith(printed) and len(printed) < len(full.text), "the text printed so far is intact"
+
+
+def test_threads_share_one_model_and_get_their_own_results(tiny_gpt2: RandomGPT2) -> None:
+    model = gpt2onnx.load(tiny_gpt2.bundle)
+    jobs = [
+        ({"prompt": "Artificial intelligence", "max_new_tokens": 12}),
+        ({"prompt": ["a", "longer prompt here"], "max_new_tokens": 9}),
+        ({"prompt": "naïve café 🤖", "max_new_tokens": 15, "min_new_tokens": 15}),
+        ({"prompt": "x", "max_new_tokens": 7, "repetition_penalty": 1.3}),
+        ({"prompt": ["beam", "search, batched"], "max_new_tokens": 8, "num_beams": 4, "num_return_sequences": 2}),
+        ({"prompt": "beam sampling", "max_new_tokens": 8, "num_beams": 5, "do_sample": True, "seed": 3}),
+        ({"prompt": "sampling", "max_new_tokens": 10, "do_sample": True, "top_p": 0.9, "seed": 1}),
+    ] * 2
+    expected = [model.generate(**job).to_dict()["results"] for job in jobs]  # each call alone, in sequence
+    results: list = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def work(index: int) -> None:
+        barrier.wait()
+        for _ in range(3):
+            results[index] = model.generate(**jobs[index]).to_dict()["results"]
+            assert results[index] == expected[index]
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert results == expected
+
+
+def test_memory_stays_flat_over_many_calls(tiny_gpt2: RandomGPT2) -> None:
+    """RSS after 400 more calls grows by less than 16 MiB (a leak of one cache per call would be far more)."""
+    model = gpt2onnx.load(tiny_gpt2.bundle)
+    process = psutil.Process(os.getpid())
+
+    def calls(count: int) -> None:
+        for index in range(count):
+            model.generate(["Artificial intelligence", "a"][index % 2], max_new_tokens=24)
+            list(model.stream("b", max_new_tokens=4))
+
+    calls(100)  # warm up allocators and onnxruntime's arenas
+    before = process.memory_info().rss
+    calls(400)
+    growth = process.memory_info().rss - before
+    assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 400 calls"
+
+
+def test_generating_to_the_full_context(tiny_gpt2: RandomGPT2) -> None:
+    model = gpt2onnx.load(tiny_gpt2.bundle)
+    prompt = model.tokenizer.encode("Artificial intelligence")
+    room = model.context_length - len(prompt)
+    output = model.generate(input_ids=prompt, max_new_tokens=room, min_new_tokens=room)
+    assert len(output.results[0].sequences[0].token_ids) == model.context_length
