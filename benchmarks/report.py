@@ -95,14 +95,20 @@ def markdown(results: dict[str, Any]) -> str:
         f"a {len(settings['prompt'])}-token prompt. Decode ms/token = (time for {new} new tokens - time for 1) / "
         f"{new - 1}; beam-5 is beam search with 5 beams, sampling uses top_k 50. The long prompt has "
         f"{settings['long_prompt_tokens']} tokens. Load and first token are counted from the process spawn. "
-        f"Medians of {settings['rounds']} rounds; each round runs every system once, each in a fresh process, in "
+        f"Medians of {settings['rounds']} round(s); each round runs every system once, each in a fresh process, in "
         "rotating order, after a warm-up. In brackets: transformers ÷ system (above 1 = faster or smaller than "
         "transformers + PyTorch).",
         "",
         *lines,
         "",
-        f"Other processes' share of the CPUs during the runs: median {background['median']:.0%}, "
-        f"max {background['max']:.0%} (above a few percent, the numbers are noisy).",
+        "Other processes' share of the CPUs during the runs, median / max (above a few percent, that row's numbers "
+        f"are noisy): all runs {background['median']:.0%} / {background['max']:.0%}; "
+        + "; ".join(
+            f"{system['title']} {statistics.median(shares):.0%} / {max(shares):.0%}"
+            for system in systems
+            if (shares := [run["others_cpu_share"] for run in system["runs"]])
+        )
+        + ".",
     ]
     if notes:
         text += ["", "Notes:", "", *(f"{index}. {note}" for index, note in enumerate(notes, 1))]

@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--idle-wait",
         type=float,
-        help="seconds to wait for other processes to quiet down before each run (default 300; smoke: 0)",
+        help="seconds to wait for other processes to quiet down before each run (default 120; smoke: 0)",
     )
     return parser.parse_args(argv)
 
@@ -217,7 +217,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.smoke:
         return Settings(SHAPES["tiny"], args.seed, args.rounds or 2, 8, 64, 2, args.idle_wait or 0.0, 300)
     rounds = args.rounds or (2 if args.quick else 5)
-    idle_wait = 300.0 if args.idle_wait is None else args.idle_wait
+    idle_wait = 120.0 if args.idle_wait is None else args.idle_wait
     return Settings(SHAPES["small"], args.seed, rounds, 50, 512, 8, idle_wait, 1800)
 
 
