@@ -95,19 +95,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"a {len(settings['prompt'])}-token prompt. Decode ms/token = (time for {new} new tokens - time for 1) / "
         f"{new - 1}; beam-5 is beam search with 5 beams, sampling uses top_k 50. The long prompt has "
         f"{settings['long_prompt_tokens']} tokens. Load and first token are counted from the process spawn. "
-        f"Medians of {settings['rounds']} round(s); each round runs every system once, each in a fresh process, in "
+        f"{settings['rounds']} round(s); each round runs every system once, each in a fresh process, in "
         "rotating order, after a warm-up. In brackets: transformers ÷ system (above 1 = faster or smaller than "
         "transformers + PyTorch).",
         "",
         *lines,
         "",
-        "Other processes' share of the CPUs during the runs, median / max (above a few percent, that row's numbers "
-        f"are noisy): all runs {background['median']:.0%} / {background['max']:.0%}; "
-        + "; ".join(
-            f"{system['title']} {statistics.median(shares):.0%} / {max(shares):.0%}"
-            for system in systems
-            if (shares := [run["others_cpu_share"] for run in system["runs"]])
-        )
+        f"Noise: other processes' share of the CPUs during the runs, median {background['median']:.0%}, max "
+        f"{background['max']:.0%}. A run during which they took over {settings['noise_share']:.0%} is noisy and is "
+        f"run again (at most {settings['retries']} times); medians are over the quiet runs, or over all runs for a "
+        "system that had none. Quiet runs / runs: "
+        + ", ".join(f"{s['title']} {s['quiet_runs']}/{len(s['runs'])}" for s in systems if s["status"] == "measured")
         + ".",
     ]
     if notes:

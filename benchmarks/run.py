@@ -45,7 +45,6 @@ from systems import (
 WORKER = BENCHMARKS / "worker.py"
 PROMPT = [8001, 811, 34, 498, 493, 36, 15516, 38, 594]  # 'ArtificCial intElliGence'
 MODES = ("greedy", "beam", "sample")
-QUIET_SHARE = 0.25  # before a run, wait (up to --idle-wait s) until other processes use at most this CPU share
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,9 @@ class Settings:
     new_tokens: int
     long_prompt_tokens: int
     warmup_tokens: int
-    idle_wait_s: float
+    idle_wait_s: float  # before a run, wait at most this long for other processes to use <= noise_share of the CPUs
+    noise_share: float  # a run during which other processes took more of the CPUs than this is noisy ...
+    retries: int  # ... and is run again, at most this many times per system and round
     worker_timeout_s: float
 
     @property
@@ -101,15 +102,15 @@ class OthersShare:
         return max(0.0, (busy - self.busy) - (own_cpu_seconds() - self.own)) / (total - self.total)
 
 
-def wait_until_quiet(limit_s: float, log: Any) -> None:
-    """Wait, at most limit_s, until other processes leave the CPUs mostly idle (a 1 s sample)."""
+def wait_until_quiet(limit_s: float, quiet_share: float, log: Any) -> None:
+    """Wait, at most limit_s, until other processes use at most quiet_share of the CPUs (a 1 s sample)."""
     deadline = time.monotonic() + limit_s
     meter = OthersShare()
     while limit_s > 0:
         meter.start()
         time.sleep(1.0)
         share = meter.share()
-        if share <= QUIET_SHARE:
+        if share <= quiet_share:
             return
         if time.monotonic() > deadline:
             log(f"  other processes still use {share:.0%} of the CPUs; measuring anyway")
@@ -161,6 +162,58 @@ def run_worker(ready: Ready, settings: Settings, threads: int, folder: Path, nam
     }
 
 
+def measure(
+    ready: dict[str, Ready], rows: dict[str, dict[str, Any]], settings: Settings, threads: int, folder: Path
+) -> None:
+    """The rounds: every ready system once per round, in rotating order; a noisy run is retried."""
+    folder.mkdir(parents=True, exist_ok=True)
+    order = list(ready)
+    for round_index in range(settings.rounds):
+        shift = round_index % len(order) if order else 0
+        for key in order[shift:] + order[:shift]:
+            row = rows[key]
+            for attempt in range(settings.retries + 1):
+                log(f"round {round_index + 1}/{settings.rounds}: {row['title']}" + (" (again)" if attempt else ""))
+                wait_until_quiet(settings.idle_wait_s, settings.noise_share, log)
+                try:
+                    run = run_worker(ready[key], settings, threads, folder, f"{key}-{round_index + 1}-{attempt}")
+                except RunFailed as error:
+                    log(f"  failed: {error}")
+                    row["errors"].append(str(error))
+                    break
+                noisy = run["others_cpu_share"] > settings.noise_share
+                row["runs"].append({"round": round_index + 1, "noisy": noisy, **run})
+                decode = ", ".join(f"{mode} {d['ms_per_token']:.1f}" for mode, d in run["decode"].items())
+                log(f"  ms/token: {decode}; first token after long prompt {run['long_ms']:.0f} ms")
+                if not noisy:
+                    break
+                log(f"  noisy: other processes took {run['others_cpu_share']:.0%} of the CPUs during the run")
+
+
+def finish_row(row: dict[str, Any], settings: Settings) -> bool:
+    """Summarise a system's runs (medians over its quiet runs, or over all if none was quiet); False if none ran."""
+    if not row["runs"]:
+        row.update(status="failed", reason=f"every run failed: {row['errors'][-1]}")
+        return False
+    quiet = [run for run in row["runs"] if not run["noisy"]]
+    counts = {
+        f"{mode}: {decode['tokens']} tokens instead of {settings.new_tokens}"
+        for run in row["runs"]
+        for mode, decode in run["decode"].items()
+        if decode["tokens"] != settings.new_tokens
+    }
+    row.update(
+        status="measured",
+        reason=None,
+        label=row["runs"][0]["label"],
+        unsupported=row["runs"][0]["unsupported"],
+        summary=summarize(quiet or row["runs"]),
+        quiet_runs=len(quiet),
+        warnings=sorted(counts),
+    )
+    return True
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     memory_gib = 0.0
@@ -210,15 +263,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="seconds to wait for other processes to quiet down before each run (default 120; smoke: 0)",
     )
+    parser.add_argument(
+        "--noise-share",
+        type=float,
+        default=0.1,
+        help="a run during which other processes took more than this share of the CPUs is noisy (default 0.1)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=2, help="reruns of a noisy run, per system and round (default 2)"
+    )
     return parser.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.smoke:
-        return Settings(SHAPES["tiny"], args.seed, args.rounds or 2, 8, 64, 2, args.idle_wait or 0.0, 300)
+        return Settings(SHAPES["tiny"], args.seed, args.rounds or 2, 8, 64, 2, args.idle_wait or 0.0, 1.0, 0, 300)
     rounds = args.rounds or (2 if args.quick else 5)
     idle_wait = 120.0 if args.idle_wait is None else args.idle_wait
-    return Settings(SHAPES["small"], args.seed, rounds, 50, 512, 8, idle_wait, 1800)
+    return Settings(SHAPES["small"], args.seed, rounds, 50, 512, 8, idle_wait, args.noise_share, args.retries, 1800)
 
 
 def log(message: str) -> None:
@@ -250,45 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_only:
         log(f"ready: {', '.join(ready) or 'none'}")
         return 0
-    runs_folder = work / "runs"
-    runs_folder.mkdir(parents=True, exist_ok=True)
-    order = list(ready)
-    for round_index in range(settings.rounds):
-        for key in order[round_index % len(order) :] + order[: round_index % len(order)] if order else []:
-            log(f"round {round_index + 1}/{settings.rounds}: {rows[key]['title']}")
-            wait_until_quiet(settings.idle_wait_s, log)
-            try:
-                run = run_worker(ready[key], settings, threads, runs_folder, f"{key}-{round_index + 1}")
-            except RunFailed as error:
-                log(f"  failed: {error}")
-                rows[key]["errors"].append(str(error))
-                continue
-            rows[key]["runs"].append({"round": round_index + 1, **run})
-            decode = ", ".join(f"{mode} {d['ms_per_token']:.1f}" for mode, d in run["decode"].items())
-            log(f"  ms/token: {decode}; first token after long prompt {run['long_ms']:.0f} ms")
-
-    failed = []
-    for key in ready:
-        row = rows[key]
-        if not row["runs"]:
-            failed.append(key)
-            row.update(status="failed", reason=f"every run failed: {row['errors'][-1]}")
-            continue
-        first = row["runs"][0]
-        counts = {
-            f"{mode}: {d['tokens']} tokens instead of {settings.new_tokens}"
-            for run in row["runs"]
-            for mode, d in run["decode"].items()
-            if d["tokens"] != settings.new_tokens
-        }
-        row.update(
-            status="measured",
-            reason=None,
-            label=first["label"],
-            unsupported=first["unsupported"],
-            summary=summarize(row["runs"]),
-            warnings=sorted(counts),
-        )
+    measure(ready, rows, settings, threads, work / "runs")
+    failed = [key for key in ready if not finish_row(rows[key], settings)]
     shares = [run["others_cpu_share"] for row in rows.values() for run in row["runs"]] or [0.0]
     results = {
         "meta": {
