@@ -7,7 +7,8 @@
     python benchmarks/run.py --setup-only          # make peer venvs and model conversions ready, measure nothing
 
 Each round runs every ready system once, each in a fresh process of its own interpreter (worker.py), in rotating
-order; the table gives medians over rounds. Peer venvs and model conversions are made on first use and cached.
+order; a run disturbed by other processes is run again; the table gives medians over the quiet runs. Peer venvs and
+model conversions are made on first use and cached. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class RunFailed(Exception):
     """One worker process failed; the message is its last error line."""
 
 
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (zeros where there is none)."""
     try:
@@ -102,7 +107,7 @@ class OthersShare:
         return max(0.0, (busy - self.busy) - (own_cpu_seconds() - self.own)) / (total - self.total)
 
 
-def wait_until_quiet(limit_s: float, quiet_share: float, log: Any) -> None:
+def wait_until_quiet(limit_s: float, quiet_share: float) -> None:
     """Wait, at most limit_s, until other processes use at most quiet_share of the CPUs (a 1 s sample)."""
     deadline = time.monotonic() + limit_s
     meter = OthersShare()
@@ -174,7 +179,7 @@ def measure(
             row = rows[key]
             for attempt in range(settings.retries + 1):
                 log(f"round {round_index + 1}/{settings.rounds}: {row['title']}" + (" (again)" if attempt else ""))
-                wait_until_quiet(settings.idle_wait_s, settings.noise_share, log)
+                wait_until_quiet(settings.idle_wait_s, settings.noise_share)
                 try:
                     run = run_worker(ready[key], settings, threads, folder, f"{key}-{round_index + 1}-{attempt}")
                 except RunFailed as error:
@@ -261,7 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--idle-wait",
         type=float,
-        help="seconds to wait for other processes to quiet down before each run (default 120; smoke: 0)",
+        help="seconds to wait for other processes to quiet down before each run (default 30; smoke: 0)",
     )
     parser.add_argument(
         "--noise-share",
@@ -279,12 +284,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.smoke:
         return Settings(SHAPES["tiny"], args.seed, args.rounds or 2, 8, 64, 2, args.idle_wait or 0.0, 1.0, 0, 300)
     rounds = args.rounds or (2 if args.quick else 5)
-    idle_wait = 120.0 if args.idle_wait is None else args.idle_wait
+    idle_wait = 30.0 if args.idle_wait is None else args.idle_wait
     return Settings(SHAPES["small"], args.seed, rounds, 50, 512, 8, idle_wait, args.noise_share, args.retries, 1800)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
