@@ -67,6 +67,9 @@ def markdown(results: dict[str, Any]) -> str:
             notes.append(f"{system['title']}: {system['reason']}")
             cells += [f"not measured (note {len(notes)})"] + ["–"] * (len(METRICS) - 1) + [""]
         else:
+            if not system["quiet_runs"]:
+                notes.append(f"{system['title']}: no quiet run; its numbers are medians over noisy runs")
+                cells[0] += f" (noisy, note {len(notes)})"
             for metric in METRICS:
                 if metric.key in system["summary"]:
                     cells.append(_cell(system["summary"], baseline, metric))
