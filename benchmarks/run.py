@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from report import markdown, summarize
+from report import MODES, markdown, summarize
 from systems import (
     BENCHMARKS,
     REPO,
@@ -45,7 +45,6 @@ from systems import (
 
 WORKER = BENCHMARKS / "worker.py"
 PROMPT = [8001, 811, 34, 498, 493, 36, 15516, 38, 594]  # 'ArtificCial intElliGence'
-MODES = ("greedy", "beam", "sample")
 
 
 @dataclass(frozen=True)
