@@ -1,0 +1,366 @@
+"""The systems the benchmark compares, and how each is made ready: peer venvs and model conversions.
+
+Every artifact (venv, checkpoint, bundle, converted model) is built once and reused while its recipe is unchanged:
+a stamp file beside it holds the recipe it was built from. A system whose setup fails raises Unavailable; the
+harness reports it in the table instead of stopping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+PREPARE = BENCHMARKS / "prepare.py"
+SETUP_TIMEOUT_S = 1800
+
+
+class Unavailable(Exception):
+    """A system that cannot be measured here; the message says why and goes into the table."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+
+
+SHAPES = {"small": Shape("small", 12, 12, 768), "tiny": Shape("tiny", 2, 2, 64)}
+
+
+@dataclass(frozen=True)
+class VenvRecipe:
+    """A peer's own venv: pip install stages run in order (torch first, so pip takes the CPU-only wheel)."""
+
+    name: str
+    stages: tuple[tuple[str, ...], ...]
+
+
+OPTIMUM_VENV = VenvRecipe(
+    "optimum",
+    (("torch==2.13.0",), ("optimum-onnx==0.1.0", "transformers<4.58", "onnxruntime", "accelerate")),
+)
+CT2_VENV = VenvRecipe("ctranslate2", (("torch==2.13.0",), ("ctranslate2==4.8.5", "transformers")))
+GENAI_VENV = VenvRecipe("genai", (("onnxruntime-genai==0.18.0",),))
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A system ready to measure: the interpreter that runs worker.py, its adapter, and the model it loads."""
+
+    python: str
+    adapter: str
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Workspace:
+    """Builds and caches what the systems need under work/ (models) and venvs/ (peer environments)."""
+
+    def __init__(self, work: Path, venvs: Path, shape: Shape, seed: int, tokenizer: Path, log: Callable[[str], None]):
+        self.work = work
+        self.venvs = venvs
+        self.shape = shape
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.log = log
+        self._results: dict[str, Path | Unavailable] = {}
+
+    def run(self, what: str, command: list[str]) -> None:
+        """Run one setup command, its output kept in work/logs/; Unavailable naming the last error line on failure."""
+        logs = self.work / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_file = logs / ("".join(c if c.isalnum() else "-" for c in what).strip("-") + ".log")
+        with log_file.open("w", encoding="utf-8") as handle:
+            handle.write(" ".join(command) + "\n\n")
+            handle.flush()
+            try:
+                done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=SETUP_TIMEOUT_S)
+            except (OSError, subprocess.TimeoutExpired) as error:
+                raise Unavailable(f"{what} failed: {error}") from None
+        if done.returncode != 0:
+            lines = [line.strip() for line in log_file.read_text("utf-8", errors="replace").splitlines()]
+            errors = [line for line in lines if line and not line.startswith("WARNING")] or ["no output"]
+            raise Unavailable(f"{what} failed (exit {done.returncode}; log {log_file}): {errors[-1][:200]}")
+
+    def cached(
+        self,
+        path: Path,
+        recipe: str,
+        what: str,
+        build: Callable[[Path], None],
+        depends: tuple[Path, ...] = (),
+        in_place: bool = False,
+    ) -> Path:
+        """`path` as built by build() from this recipe (and the artifacts it depends on): reused when its stamp
+        matches, else rebuilt.
+
+        A build goes into a hidden sibling renamed into place when complete (in_place: straight into path, for
+        venvs, whose scripts hold their own absolute path); the stamp is written last, so a failed or interrupted
+        build is redone next time. A failure is remembered for the rest of the run.
+        """
+        stamp = _stamp(path)
+        recipe = "\n".join([recipe, *(_stamp(dependency).read_text("utf-8") for dependency in depends)])
+        key = f"{path}\n{recipe}"
+        if key in self._results:
+            result = self._results[key]
+            if isinstance(result, Unavailable):
+                raise result
+            return result
+        if path.exists() and stamp.is_file() and stamp.read_text("utf-8") == recipe:
+            self._results[key] = path
+            return path
+        self.log(f"setup: {what} (cached for later runs) ...")
+        target = path if in_place else path.with_name(f".{path.name}.partial")
+        for stale in (stamp, path, target):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+        target.mkdir(parents=True)
+        try:
+            build(target)
+        except Unavailable as error:
+            shutil.rmtree(target, ignore_errors=True)
+            self._results[key] = error
+            raise
+        if not in_place:
+            target.rename(path)
+        stamp.write_text(recipe, encoding="utf-8")
+        self._results[key] = path
+        return path
+
+    def venv(self, recipe: VenvRecipe) -> str:
+        """The python of a peer's venv, created and installed on first use."""
+
+        def build(path: Path) -> None:
+            self.run(f"venv {recipe.name}", [sys.executable, "-m", "venv", str(path)])
+            for stage in recipe.stages:
+                pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+                self.run(f"venv {recipe.name}: pip install {' '.join(stage)}", [*pip, *stage])
+
+        stages = json.dumps(recipe.stages)
+        path = self.cached(self.venvs / recipe.name, stages, f"venv {recipe.name}", build, in_place=True)
+        return str(path / "bin" / "python")
+
+    def checkpoint(self) -> Path:
+        """The seeded random GPT-2 every system loads (or converts), with the GPT-2 tokenizer files beside it."""
+        shape = self.shape
+        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+            if not (self.tokenizer / name).is_file():
+                raise Unavailable(f"tokenizer file {self.tokenizer / name} not found (pass --tokenizer DIR)")
+        sizes = ["--n-layer", str(shape.n_layer), "--n-head", str(shape.n_head), "--n-embd", str(shape.n_embd)]
+        arguments = [*sizes, "--seed", str(self.seed), "--tokenizer", str(self.tokenizer)]
+
+        def build(path: Path) -> None:
+            command = [sys.executable, str(PREPARE), "checkpoint", "--out", str(path), *arguments]
+            self.run(f"checkpoint {shape.name}", command)
+
+        path = self.work / "checkpoints" / f"{shape.name}-seed{self.seed}"
+        return self.cached(path, json.dumps(arguments), "random checkpoint", build)
+
+    def bundle(self, name: str, flags: list[str]) -> Path:
+        """A gpt2-onnx bundle exported by this checkout's export-gpt2 with these flags (re-made when it changes)."""
+        export = [sys.executable, "-m", "gpt2onnx.cli.export_command"]
+        if flags:
+            usage = subprocess.run([*export, "--help"], capture_output=True, text=True, check=False).stdout
+            missing = [flag for flag in flags if flag.startswith("--") and flag not in usage]
+            if missing:
+                raise Unavailable(f"not available yet: export-gpt2 has no {missing[0]} option")
+        checkpoint = self.checkpoint()
+        recipe = json.dumps({"flags": flags, "exporter": exporter_fingerprint()})
+
+        def build(path: Path) -> None:
+            command = [*export, "--model", str(checkpoint), "--tokenizer", str(self.tokenizer), "--output", str(path)]
+            self.run(f"export-gpt2 {name}", [*command, "--force", "--quiet", *flags])
+
+        path = self.work / "bundles" / f"{self.shape.name}-{name}"
+        return self.cached(path, recipe, f"export-gpt2 {name}", build, depends=(checkpoint,))
+
+    def optimum_export(self) -> Path:
+        """optimum-cli's ONNX export (text-generation-with-past) of the checkpoint."""
+        python = self.venv(OPTIMUM_VENV)
+        checkpoint = self.checkpoint()
+        command = [str(Path(python).parent / "optimum-cli"), "export", "onnx", "--model", str(checkpoint)]
+        command += ["--task", "text-generation-with-past"]
+
+        def build(path: Path) -> None:
+            self.run("optimum export", [*command, str(path)])
+
+        path = self.work / "optimum" / self.shape.name
+        return self.cached(path, json.dumps(command), "optimum export", build, depends=(checkpoint,))
+
+    def ct2_model(self, quantization: str) -> Path:
+        """ct2-transformers-converter's model of the checkpoint, stored in this quantisation."""
+        python = self.venv(CT2_VENV)
+        checkpoint = self.checkpoint()
+        command = [str(Path(python).parent / "ct2-transformers-converter"), "--model", str(checkpoint)]
+        command += ["--quantization", quantization, "--force", "--output_dir"]
+
+        def build(path: Path) -> None:
+            self.run(f"ct2 convert {quantization}", [*command, str(path)])
+
+        path = self.work / "ct2" / f"{self.shape.name}-{quantization}"
+        return self.cached(path, json.dumps(command), f"CTranslate2 conversion ({quantization})", build, (checkpoint,))
+
+    def genai_model(self, int8: bool) -> Path:
+        """optimum's export (int8: ORT-optimised and quantised) with a genai_config.json that names its io.
+
+        onnxruntime-genai's builder refuses GPT2LMHeadModel and its own "gpt2" type expects an older past layout;
+        its "llama" type runs this graph when told the io names (see shared/notes/peer-baselines.md).
+        """
+        self.venv(GENAI_VENV)
+        export = self.optimum_export()
+        source = export / "model.onnx"
+        shape = self.shape
+        quantize = [self.venv(OPTIMUM_VENV), str(PREPARE), "ort-int8", "--source", str(source)]
+        quantize += ["--n-head", str(shape.n_head), "--n-embd", str(shape.n_embd)]
+        config = genai_config(shape, threads=physical_cores())
+
+        def build(path: Path) -> None:
+            if int8:
+                self.run("ORT optimise + int8", [*quantize, "--out", str(path / "model.onnx")])
+            else:
+                os.link(source, path / "model.onnx")  # same filesystem; a hard link costs no space
+            (path / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+        recipe = json.dumps({"int8": quantize if int8 else None, "config": config})
+        name = f"{shape.name}-{'int8' if int8 else 'fp32'}"
+        return self.cached(self.work / "genai" / name, recipe, f"onnxruntime-genai model ({name})", build, (export,))
+
+
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".stamp")
+
+
+def genai_config(shape: Shape, threads: int) -> dict[str, Any]:
+    """genai_config.json for an optimum GPT-2 export, run as onnxruntime-genai's "llama" decoder type."""
+    return {
+        "model": {
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+            "pad_token_id": 50256,
+            "context_length": 1024,
+            "vocab_size": 50257,
+            "type": "llama",
+            "decoder": {
+                "session_options": {"provider_options": [], "intra_op_num_threads": threads},
+                "filename": "model.onnx",
+                "head_size": shape.n_embd // shape.n_head,
+                "hidden_size": shape.n_embd,
+                "num_attention_heads": shape.n_head,
+                "num_key_value_heads": shape.n_head,
+                "num_hidden_layers": shape.n_layer,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        # The optimum graph concatenates past and new keys, so the past and present buffers cannot be shared.
+        "search": {"max_length": 1024, "past_present_share_buffer": False},
+    }
+
+
+def exporter_fingerprint() -> str:
+    """sha256 of the installed exporter's sources and the bundle format, so a changed exporter re-exports."""
+    digest = hashlib.sha256()
+    for module in ("gpt2onnx.export", "gpt2onnx.runtime.bundle"):
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise Unavailable(f"{module} is not installed in this environment (pip install -e .)")
+        root = Path(spec.origin)
+        for path in sorted(root.parent.glob("*.py")) if root.name == "__init__.py" else [root]:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def physical_cores() -> int:
+    """The runtime's own choice of thread count, given to every system so that all use the same cores."""
+    from gpt2onnx.runtime.session import physical_cores as cores
+
+    return cores()
+
+
+def in_this_env(*modules: str) -> str:
+    """This interpreter, if it can import the modules; else Unavailable."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise Unavailable(f"{', '.join(missing)} not installed in this environment")
+    return sys.executable
+
+
+@dataclass(frozen=True)
+class System:
+    """One row of the table: its --systems key, its row title, and how to make it ready."""
+
+    key: str
+    title: str
+    prepare: Callable[[Workspace], Ready]
+
+
+SYSTEMS = (
+    System(
+        "transformers",
+        "transformers + PyTorch",
+        lambda ws: Ready(in_this_env("torch", "transformers"), "transformers", str(ws.checkpoint())),
+    ),
+    System(
+        "gpt2onnx-fp32",
+        "gpt2-onnx fp32",
+        lambda ws: Ready(in_this_env("gpt2onnx", "onnxruntime"), "gpt2onnx", str(ws.bundle("fp32", []))),
+    ),
+    System(
+        "gpt2onnx-int8",
+        "gpt2-onnx int8",
+        lambda ws: Ready(
+            in_this_env("gpt2onnx", "onnxruntime"), "gpt2onnx", str(ws.bundle("int8", ["--quantize", "int8"]))
+        ),
+    ),
+    System(
+        "optimum",
+        "optimum ORTModelForCausalLM fp32",
+        lambda ws: Ready(ws.venv(OPTIMUM_VENV), "optimum", str(ws.optimum_export())),
+    ),
+    System(
+        "ct2-fp32",
+        "CTranslate2 float32",
+        lambda ws: Ready(ws.venv(CT2_VENV), "ctranslate2", str(ws.ct2_model("float32")), {"compute_type": "float32"}),
+    ),
+    System(
+        "ct2-int8",
+        "CTranslate2 int8",
+        lambda ws: Ready(ws.venv(CT2_VENV), "ctranslate2", str(ws.ct2_model("int8")), {"compute_type": "int8"}),
+    ),
+    System(
+        "genai-fp32",
+        "onnxruntime-genai fp32",
+        lambda ws: Ready(ws.venv(GENAI_VENV), "genai", str(ws.genai_model(int8=False))),
+    ),
+    System(
+        "genai-int8",
+        "onnxruntime-genai int8 (ORT-optimised)",
+        lambda ws: Ready(ws.venv(GENAI_VENV), "genai", str(ws.genai_model(int8=True))),
+    ),
+)
+SMOKE_SYSTEMS = ("transformers", "gpt2onnx-fp32", "gpt2onnx-int8")

@@ -1,0 +1,242 @@
+"""One benchmark process: load one system, warm it up, time each decoding mode and a long prefill, write JSON.
+
+Runs under the interpreter of the system it measures (the main venv, or a peer's venv under benchmarks/.venvs),
+so it imports only the standard library at module level; each adapter imports its own system when loading.
+
+    python benchmarks/worker.py SPEC.json      (the harness writes SPEC.json; the result goes to spec["result"])
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BEAMS = 5
+TOP_K = 50  # transformers' default top_k, used by every system when sampling
+EOS = 50256
+
+
+class Adapter:
+    """A system behind one call: generate exactly `new_tokens` tokens after `ids` in a mode, return how many came."""
+
+    packages: tuple[str, ...] = ()
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.model_path = spec["model"]
+        self.threads: int = spec["threads"]
+        self.options: dict[str, Any] = spec.get("options", {})
+        self.seed = 0
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def generate(self, ids: list[int], new_tokens: int, mode: str) -> int:
+        raise NotImplementedError
+
+    def unsupported(self, ids: list[int]) -> dict[str, str]:
+        """Modes this system cannot run, with the reason (probed after loading)."""
+        return {}
+
+    def next_seed(self) -> int:
+        self.seed += 1
+        return self.seed
+
+    def label(self) -> str:
+        """The packages measured, with their versions, e.g. 'transformers 5.24.0 + torch 2.13.0'."""
+        return " + ".join(f"{name} {importlib.metadata.version(name)}" for name in self.packages)
+
+
+class GPT2Onnx(Adapter):
+    packages = ("gpt2-onnx", "onnxruntime")
+
+    def load(self) -> None:
+        import gpt2onnx
+
+        self.model = gpt2onnx.load(self.model_path, provider="cpu")
+
+    def _run(self, ids: list[int], new_tokens: int, **options: Any) -> list[list[int]]:
+        output = self.model.generate(input_ids=ids, max_new_tokens=new_tokens, **options)
+        return [sequence.generated_token_ids for sequence in output.results[0].sequences]
+
+    def generate(self, ids: list[int], new_tokens: int, mode: str) -> int:
+        options: dict[str, Any] = {"min_new_tokens": new_tokens}
+        if mode == "beam":
+            options["num_beams"] = BEAMS
+        elif mode == "sample":
+            options.update(do_sample=True, top_k=TOP_K, seed=self.next_seed())
+        return len(self._run(ids, new_tokens, **options)[0])
+
+    def unsupported(self, ids: list[int]) -> dict[str, str]:
+        """The runtime accepts every GenerationConfig option; probe whether beams and sampling really happen."""
+        missing = {}
+        if len(self._run(ids, 2, num_beams=2, num_return_sequences=2)) != 2:
+            missing["beam"] = "beam search not implemented in the runtime yet"
+        greedy = self._run(ids, 4)[0]
+        if all(self._run(ids, 4, do_sample=True, seed=seed)[0] == greedy for seed in range(3)):
+            missing["sample"] = "sampling not implemented in the runtime yet"
+        return missing
+
+
+class Transformers(Adapter):
+    packages = ("transformers", "torch")
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(self.threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path).eval()
+
+    def generate(self, ids: list[int], new_tokens: int, mode: str) -> int:
+        torch = self.torch
+        options: dict[str, Any] = {"do_sample": False, "num_beams": 1}
+        if mode == "beam":
+            options["num_beams"] = BEAMS
+        elif mode == "sample":
+            torch.manual_seed(self.next_seed())
+            options.update(do_sample=True, top_k=TOP_K)
+        input_ids = torch.tensor([ids])
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=EOS,
+                **options,
+            )
+        return output.shape[1] - len(ids)
+
+
+class Optimum(Transformers):
+    packages = ("optimum-onnx", "onnxruntime", "transformers", "torch")
+
+    def load(self) -> None:
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        # torch only shuffles tensors here; on more threads its OpenMP spinning steals onnxruntime's cores.
+        torch.set_num_threads(1)
+        self.torch = torch
+        self.model = ORTModelForCausalLM.from_pretrained(self.model_path, provider="CPUExecutionProvider")
+
+
+class CTranslate2(Adapter):
+    packages = ("ctranslate2",)
+
+    def load(self) -> None:
+        import ctranslate2
+
+        self.ct2 = ctranslate2
+        self.generator = ctranslate2.Generator(
+            self.model_path, device="cpu", compute_type=self.options["compute_type"], intra_threads=self.threads
+        )
+        self.vocabulary: list[str] = json.loads((Path(self.model_path) / "vocabulary.json").read_text("utf-8"))
+
+    def generate(self, ids: list[int], new_tokens: int, mode: str) -> int:
+        options: dict[str, Any] = {}
+        if mode == "beam":
+            options["beam_size"] = BEAMS
+        elif mode == "sample":
+            self.ct2.set_random_seed(self.next_seed())
+            options["sampling_topk"] = TOP_K
+        results = self.generator.generate_batch(
+            [[self.vocabulary[token] for token in ids]],
+            max_length=new_tokens,
+            min_length=new_tokens,
+            include_prompt_in_result=False,
+            **options,
+        )
+        return len(results[0].sequences_ids[0])
+
+
+class GenAI(Adapter):
+    packages = ("onnxruntime-genai",)
+
+    def load(self) -> None:
+        import onnxruntime_genai
+
+        self.og = onnxruntime_genai
+        self.model = onnxruntime_genai.Model(self.model_path)
+
+    def generate(self, ids: list[int], new_tokens: int, mode: str) -> int:
+        options: dict[str, Any] = {"max_length": len(ids) + new_tokens, "min_length": len(ids) + new_tokens}
+        if mode == "beam":
+            options["num_beams"] = BEAMS
+        elif mode == "sample":
+            options.update(do_sample=True, top_k=TOP_K, random_seed=self.next_seed())
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(**options)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return len(generator.get_sequence(0)) - len(ids)
+
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    "gpt2onnx": GPT2Onnx,
+    "transformers": Transformers,
+    "optimum": Optimum,
+    "ctranslate2": CTranslate2,
+    "genai": GenAI,
+}
+
+
+def timed(call: Callable[[], int]) -> tuple[float, int]:
+    start = time.perf_counter()
+    count = call()
+    return time.perf_counter() - start, count
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load, produce a first token, warm up every mode, then time 1 and N new tokens per mode and a long prefill."""
+    adapter = ADAPTERS[spec["adapter"]](spec)
+    adapter.load()
+    ready_at = time.monotonic()
+    prompt, long_prompt, new_tokens = spec["prompt"], spec["long_prompt"], spec["new_tokens"]
+    adapter.generate(prompt, 1, "greedy")
+    first_token_at = time.monotonic()
+    unsupported = {mode: reason for mode, reason in adapter.unsupported(prompt).items() if mode in spec["modes"]}
+    modes = [mode for mode in spec["modes"] if mode not in unsupported]
+    for mode in modes:
+        adapter.generate(prompt, spec["warmup_tokens"], mode)
+    adapter.generate(long_prompt, 1, "greedy")
+    decode = {}
+    for mode in modes:
+        one_s, _ = timed(lambda mode=mode: adapter.generate(prompt, 1, mode))
+        all_s, count = timed(lambda mode=mode: adapter.generate(prompt, new_tokens, mode))
+        decode[mode] = {
+            "one_token_s": one_s,
+            "all_tokens_s": all_s,
+            "tokens": count,
+            "ms_per_token": (all_s - one_s) * 1000 / (new_tokens - 1),
+        }
+    long_s, _ = timed(lambda: adapter.generate(long_prompt, 1, "greedy"))
+    return {
+        "label": adapter.label(),
+        "ready_at": ready_at,
+        "first_token_at": first_token_at,
+        "decode": decode,
+        "unsupported": unsupported,
+        "long_prompt_first_token_ms": long_s * 1000,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[1]).read_text("utf-8"))
+    result = measure(spec)
+    Path(spec["result"]).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,50 @@
+"""The benchmark harness in smoke mode (tiny model, this environment's systems) runs and writes a well-formed table.
+
+No timing thresholds: the numbers depend on the machine; this only keeps benchmarks/ from rotting.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MEASURED = ("transformers", "gpt2onnx-fp32")
+
+
+def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "results.md"
+    run = REPO / "benchmarks" / "run.py"
+    command = [sys.executable, str(run), "--smoke", "--work", str(tmp_path), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    results = json.loads(out.with_suffix(".json").read_text("utf-8"))
+    rows = {row["key"]: row for row in results["systems"]}
+    assert set(rows) == {"transformers", "gpt2onnx-fp32", "gpt2onnx-int8"}
+    for key in MEASURED:
+        row = rows[key]
+        assert row["status"] == "measured", row.get("reason")
+        assert len(row["runs"]) == 2 and not row["errors"]
+        assert row["summary"]["greedy_ms_per_token"] > 0
+        assert row["summary"]["peak_rss_mib"] > 0
+        assert 0 < row["summary"]["load_s"] <= row["summary"]["start_to_first_token_s"]
+        assert all(decode["tokens"] == 8 for run in row["runs"] for decode in run["decode"].values())
+    assert set(rows["transformers"]["runs"][0]["decode"]) == {"greedy", "beam", "sample"}
+    int8 = rows["gpt2onnx-int8"]
+    assert int8["status"] == "measured" or "not available" in int8["reason"]
+
+    table = [line for line in out.read_text("utf-8").splitlines() if line.startswith("|")]
+    widths = {line.count("|") for line in table}
+    assert len(widths) == 1, "every table row has the header's number of cells"
+    assert table[0].startswith("| system |") and set(table[1]) <= {"|", "-"}
+    titles = [line.split("|")[1].strip() for line in table[2:]]
+    assert len(titles) == len(results["systems"])
+    assert all(title.startswith(row["title"]) for title, row in zip(titles, results["systems"], strict=True))
+    assert "1.00×" in next(line for line in table if line.startswith("| transformers"))
