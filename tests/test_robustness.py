@@ -1,4 +1,7 @@
-"""Interrupted exports, interrupted streams, threads and long loops: no crash, no hang, no half-written files."""
+"""Interrupted exports, interrupted streams and long loops: no crash, no hang, no half-written files.
+
+Threads sharing one model: tests/test_thread_safety.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -100,35 +102,6 @@ def test_ctrl_c_during_stream_stops_promptly_keeping_the_text(tiny_gpt2: RandomG
     full = model.generate("Artificial intelligence", max_new_tokens=1000, min_new_tokens=1000).results[0].sequences[0]
     printed = text.rstrip("\n")
     assert full.text.startswith(printed) and len(printed) < len(full.text), "the text printed so far is intact"
-
-
-def test_threads_share_one_model_and_get_their_own_results(tiny_gpt2: RandomGPT2) -> None:
-    model = gpt2onnx.load(tiny_gpt2.bundle)
-    jobs = [
-        ({"prompt": "Artificial intelligence", "max_new_tokens": 12}),
-        ({"prompt": ["a", "longer prompt here"], "max_new_tokens": 9}),
-        ({"prompt": "naïve café 🤖", "max_new_tokens": 15, "min_new_tokens": 15}),
-        ({"prompt": "x", "max_new_tokens": 7, "repetition_penalty": 1.3}),
-        ({"prompt": ["beam", "search, batched"], "max_new_tokens": 8, "num_beams": 4, "num_return_sequences": 2}),
-        ({"prompt": "beam sampling", "max_new_tokens": 8, "num_beams": 5, "do_sample": True, "seed": 3}),
-        ({"prompt": "sampling", "max_new_tokens": 10, "do_sample": True, "top_p": 0.9, "seed": 1}),
-    ] * 2
-    expected = [model.generate(**job).to_dict()["results"] for job in jobs]  # each call alone, in sequence
-    results: list = [None] * len(jobs)
-    barrier = threading.Barrier(len(jobs))
-
-    def work(index: int) -> None:
-        barrier.wait()
-        for _ in range(3):
-            results[index] = model.generate(**jobs[index]).to_dict()["results"]
-            assert results[index] == expected[index]
-
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert results == expected
 
 
 def test_memory_stays_flat_over_many_calls(tiny_gpt2: RandomGPT2) -> None:
