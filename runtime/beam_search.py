@@ -212,7 +212,6 @@ def beam_search(
     logits, past = logits[rows, -1], past.select(rows)
     attention_mask = prompts.attention_mask[rows]
     positions = position_ids_from_mask(attention_mask)[:, -1:]
-    identity = np.arange(len(rows))
     step = 0
     while True:
         log_probs = processors(search.running_sequences(step), log_softmax(logits))
@@ -220,8 +219,7 @@ def beam_search(
         step += 1
         if done:
             break
-        if not np.array_equal(parents, identity):
-            past = past.select(parents)
+        past = past.select(parents)  # no copy when no beam moved
         attention_mask = np.concatenate([attention_mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
         positions = positions + 1
         logits, past = session.forward(tokens[:, None], attention_mask, positions, past)

@@ -53,7 +53,6 @@ class Step:
 
     tokens: np.ndarray  # [batch] chosen tokens (pad for rows already finished)
     scores: np.ndarray  # [batch, vocab] processed scores the tokens were chosen from
-    raw_logits: np.ndarray  # [batch, vocab] the model's logits before processing
     finished: np.ndarray  # [batch] rows that have ended (this step's EOS included)
 
 
@@ -82,15 +81,14 @@ def token_steps(
     logits, past = session.forward(batch.input_ids, attention_mask, positions, session.empty_cache(batch_size))
     for step in range(max_new_tokens):
         length = prompt_length + step
-        raw = logits[:, -1, :]
-        scores = processors(sequences[:, :length], raw)
+        scores = processors(sequences[:, :length], logits[:, -1, :])
         tokens = np.where(finished, pad_token_id, choose(scores))
         sequences[:, length] = tokens
         finished = finished | np.isin(tokens, eos)
         if stopping is not None:
             active = np.flatnonzero(~finished)
             finished[active] |= stopping(sequences[active, : length + 1])
-        yield Step(tokens, scores, raw, finished.copy())
+        yield Step(tokens, scores, finished.copy())
         if finished.all() or step + 1 == max_new_tokens:
             return
         attention_mask = np.concatenate([attention_mask, np.ones((batch_size, 1), dtype=np.int64)], axis=1)

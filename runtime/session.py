@@ -158,7 +158,6 @@ class DecoderSession:
             if self.device_cache
             else None
         )
-        self._keep: dict[int, np.ndarray] = {}  # logits_to_keep scalars, made once
 
     def _check_io_names(self) -> None:
         expected_inputs, expected_outputs = bundle.io_names(self.architecture.n_layer)
@@ -189,14 +188,11 @@ class DecoderSession:
         logits_to_keep: int = 1,
     ) -> tuple[np.ndarray, KVCache]:
         """One step: logits [batch, kept, vocab] of the last `logits_to_keep` positions (0 = all), and the new past."""
-        keep = self._keep.get(logits_to_keep)
-        if keep is None:
-            keep = self._keep[logits_to_keep] = np.array(logits_to_keep, dtype=np.int64)
         inputs = [
             np.ascontiguousarray(input_ids, dtype=np.int64),
             np.ascontiguousarray(attention_mask, dtype=np.int64),
             np.ascontiguousarray(position_ids, dtype=np.int64),
-            keep,
+            np.array(logits_to_keep, dtype=np.int64),
         ]
         if not self.device_cache:
             # On CPU, run() wraps the numpy inputs and returns numpy views of onnxruntime's outputs: no copies, and

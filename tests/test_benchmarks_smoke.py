@@ -10,15 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
-MEASURED = ("transformers", "gpt2onnx-fp32")
+MEASURED = ("transformers", "gpt2onnx-fp32", "gpt2onnx-int8")
 
 
 def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     out = tmp_path / "results.md"
     run = REPO / "benchmarks" / "run.py"
     command = [sys.executable, str(run), "--smoke", "--work", str(tmp_path), "--out", str(out)]
@@ -37,8 +33,6 @@ def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
         assert 0 < row["summary"]["load_s"] <= row["summary"]["start_to_first_token_s"]
         assert all(decode["tokens"] == 8 for run in row["runs"] for decode in run["decode"].values())
     assert set(rows["transformers"]["runs"][0]["decode"]) == {"greedy", "beam", "sample"}
-    int8 = rows["gpt2onnx-int8"]
-    assert int8["status"] == "measured" or "not available" in int8["reason"]
 
     table = [line for line in out.read_text("utf-8").splitlines() if line.startswith("|")]
     widths = {line.count("|") for line in table}

@@ -10,10 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("onnx")
-
 import gpt2onnx
 from gpt2onnx.cli.export_command import main as export_main
 from gpt2onnx.export.checkpoint import random_checkpoint
