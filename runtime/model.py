@@ -188,16 +188,14 @@ class GPT2Model:
         join to exactly generate(...).text; after the last piece the stream's finish_reason and token_ids are set.
         Arguments are checked at the call, before the first piece is asked for.
         """
-        if prompt is not None and not isinstance(prompt, str):
-            raise InvalidInputError("stream() takes one prompt (a string), not a list")
-        if input_ids is not None and _id_rows(input_ids) and len(_id_rows(input_ids)) != 1:
-            raise InvalidInputError("stream() takes one sequence of input_ids, not a batch")
         config = self.options(**options)
         if config.num_beams > 1:
             raise InvalidInputError("stream() works with greedy search and sampling, not beam search (num_beams > 1)")
         if config.num_return_sequences > 1:
             raise InvalidInputError("stream() yields one sequence: num_return_sequences must be 1")
         encoded = self.encode(prompt, input_ids)
+        if len(encoded.rows) != 1:
+            raise InvalidInputError("stream() takes one prompt or one sequence of input_ids, not a batch")
         self._check_request(encoded.rows, config)
         batch = PaddedBatch.from_rows(encoded.rows, self.pad_token_id(config))
         return TextStream(self._steps(batch, config), self.tokenizer.stream_decoder(), config.stop)

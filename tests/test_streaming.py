@@ -52,6 +52,9 @@ def test_stream_takes_input_ids_and_refuses_beams_at_the_call(model: GPT2Model) 
         model.stream("Hello", num_beams=2)  # no iteration needed: the call itself refuses
     with pytest.raises(gpt2onnx.InvalidInputError, match="num_return_sequences"):
         model.stream("Hello", do_sample=True, num_return_sequences=2)
+    for batch in ({"prompt": ["a", "b"]}, {"input_ids": [[1], [2]]}):
+        with pytest.raises(gpt2onnx.InvalidInputError, match="not a batch"):
+            model.stream(**batch)
 
 
 def middle_piece(text: str, length: int = 3) -> str:
