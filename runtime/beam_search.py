@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .generation import PaddedBatch, ScoresProcessor, StoppingCriterion, position_ids_from_mask
+from .generation import PaddedBatch, ScoresProcessor, StoppingCriterion, growing_mask, is_eos, position_ids_from_mask
 from .options import GenerationOptions
-from .processors import log_softmax
-from .search import Continuation, Sampler, top_k
+from .processors import log_softmax, top_k
+from .search import Continuation, Sampler
 from .session import DecoderSession
 
 NEG = np.float32(-1.0e9)
@@ -117,7 +117,7 @@ class BeamSearch:
             step_top = {"top_ids": best_ids.reshape(batch, beams, -1), "top_logprobs": best.reshape(batch, beams, -1)}
             for name, array in _gather(step_top, source).items():
                 candidates[name][:, :, step] = array
-        stopped = np.isin(tokens, self.eos)
+        stopped = is_eos(tokens, self.eos)
         if self.stopping is not None:
             ids = candidates["sequences"][:, :, : cur_len + 1].reshape(batch * self.keep, -1)
             stopped |= self.stopping(ids).reshape(batch, self.keep)
@@ -210,8 +210,9 @@ def beam_search(
     # Every beam of a prompt starts from the same prompt: compute it once and copy its cache to the beams.
     rows = np.repeat(np.arange(prompts.input_ids.shape[0]), search.beams)
     logits, past = logits[rows, -1], past.select(rows)
-    attention_mask = prompts.attention_mask[rows]
-    positions = position_ids_from_mask(attention_mask)[:, -1:]
+    positions = position_ids_from_mask(prompts.attention_mask[rows])[:, -1:]
+    attention_mask = growing_mask(prompts.attention_mask[rows], search.max_new_tokens)
+    prompt_length = prompts.input_ids.shape[1]
     step = 0
     while True:
         log_probs = processors(search.running_sequences(step), log_softmax(logits))
@@ -219,9 +220,8 @@ def beam_search(
         step += 1
         if done:
             break
-        past = past.select(parents)  # no copy when no beam moved
-        attention_mask = np.concatenate([attention_mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+        past = past.reorder(parents)  # copies only the rows of beams that moved
         positions = positions + 1
-        logits, past = session.forward(tokens[:, None], attention_mask, positions, past)
+        logits, past = session.forward(tokens[:, None], attention_mask[:, : prompt_length + step], positions, past)
         logits = logits[:, -1]
     return BeamOutput(search.results(), step, prefill_seconds)

@@ -41,6 +41,19 @@ class PaddedBatch:
         return PaddedBatch(np.repeat(self.input_ids, times, axis=0), np.repeat(self.attention_mask, times, axis=0))
 
 
+def is_eos(tokens: np.ndarray, eos_token_ids: np.ndarray) -> np.ndarray:
+    """Which tokens are one of the EOS ids (any shape; a plain comparison: np.isin costs more for a few ids)."""
+    return (tokens[..., None] == eos_token_ids).any(axis=-1)
+
+
+def growing_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """The prompt's attention mask followed by `new_tokens` columns of ones: step k attends [:, :prompt + k + 1]."""
+    rows, length = attention_mask.shape
+    mask = np.ones((rows, length + new_tokens), dtype=np.int64)
+    mask[:, :length] = attention_mask
+    return mask
+
+
 def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """Positions counted over real tokens only (cumsum - 1), 0 on padding, as transformers computes them."""
     positions = np.cumsum(attention_mask, axis=1) - 1
@@ -74,23 +87,22 @@ def token_steps(
     batch_size, prompt_length = batch.input_ids.shape
     sequences = np.empty((batch_size, prompt_length + max_new_tokens), dtype=np.int64)
     sequences[:, :prompt_length] = batch.input_ids
-    attention_mask = batch.attention_mask
-    positions = position_ids_from_mask(attention_mask)
+    attention_mask = growing_mask(batch.attention_mask, max_new_tokens)
+    positions = position_ids_from_mask(batch.attention_mask)
     eos = np.asarray(list(eos_token_ids), dtype=np.int64)
     finished = np.zeros(batch_size, dtype=bool)
-    logits, past = session.forward(batch.input_ids, attention_mask, positions, session.empty_cache(batch_size))
+    logits, past = session.forward(batch.input_ids, batch.attention_mask, positions, session.empty_cache(batch_size))
     for step in range(max_new_tokens):
         length = prompt_length + step
         scores = processors(sequences[:, :length], logits[:, -1, :])
         tokens = np.where(finished, pad_token_id, choose(scores))
         sequences[:, length] = tokens
-        finished = finished | np.isin(tokens, eos)
+        finished = finished | is_eos(tokens, eos)
         if stopping is not None:
             active = np.flatnonzero(~finished)
             finished[active] |= stopping(sequences[active, : length + 1])
         yield Step(tokens, scores, finished.copy())
         if finished.all() or step + 1 == max_new_tokens:
             return
-        attention_mask = np.concatenate([attention_mask, np.ones((batch_size, 1), dtype=np.int64)], axis=1)
         positions = positions[:, -1:] + 1
-        logits, past = session.forward(tokens[:, None], attention_mask, positions, past)
+        logits, past = session.forward(tokens[:, None], attention_mask[:, : length + 1], positions, past)

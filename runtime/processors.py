@@ -33,6 +33,25 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest entries of each row of a 2-D array and their indices, best first; ties go to the lower index.
+
+    A few passes over the row, no sort of it: the k-th largest of many block maxima bounds the k-th largest entry
+    from below, so only the entries at or above that bound (usually few) are sorted.
+    """
+    rows, width = values.shape
+    k = min(k, width)
+    blocks = min(width, 32 * k)
+    maxima = np.maximum.reduceat(values, (np.arange(blocks) * width) // blocks, axis=1)
+    bound = np.partition(maxima, blocks - k, axis=1)[:, blocks - k]
+    row, column = np.nonzero(values >= bound[:, None])
+    found = values[row, column]
+    order = np.lexsort((column, -found, row))  # by row, then best first, then lower index
+    counts = np.bincount(row, minlength=rows)
+    take = (np.cumsum(counts) - counts)[:, None] + np.arange(k)
+    return found[order][take], column[order][take]
+
+
 class RepetitionPenalty:
     """Divide positive / multiply negative scores of tokens already in the row, once each (left padding skipped)."""
 
@@ -138,9 +157,8 @@ class TopK:
         self.top_k = max(top_k, min_tokens_to_keep)
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        vocab = scores.shape[-1]
-        kth = vocab - min(self.top_k, vocab)
-        threshold = np.partition(scores, kth, axis=-1)[:, kth, None]
+        kept = min(self.top_k, scores.shape[-1])
+        threshold = top_k(scores, kept)[0][:, kept - 1 :]
         return np.where(scores < threshold, FILTER_VALUE, scores)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .outputs import TokenLogprob
-from .processors import log_softmax
+from .processors import log_softmax, top_k
 
 StepLogprobs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]  # chosen [rows], top ids / values [rows, top]
 
@@ -37,25 +37,6 @@ class Continuation:
         return entries
 
 
-def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest entries of each row of a 2-D array and their indices, best first; ties go to the lower index.
-
-    A few passes over the row, no sort of it: the k-th largest of many block maxima bounds the k-th largest entry
-    from below, so only the entries at or above that bound (usually few) are sorted.
-    """
-    rows, width = values.shape
-    k = min(k, width)
-    blocks = min(width, 32 * k)
-    maxima = np.maximum.reduceat(values, (np.arange(blocks) * width) // blocks, axis=1)
-    bound = np.partition(maxima, blocks - k, axis=1)[:, blocks - k]
-    row, column = np.nonzero(values >= bound[:, None])
-    found = values[row, column]
-    order = np.lexsort((column, -found, row))  # by row, then best first, then lower index
-    counts = np.bincount(row, minlength=rows)
-    take = (np.cumsum(counts) - counts)[:, None] + np.arange(k)
-    return found[order][take], column[order][take]
-
-
 def greedy_choice(scores: np.ndarray) -> np.ndarray:
     """The highest-scoring token of each row (first one on ties, as torch.argmax)."""
     return np.argmax(scores, axis=-1).astype(np.int64)
@@ -70,11 +51,14 @@ class Sampler:
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         """One token per row."""
         probabilities = np.exp(log_softmax(scores))
-        cumulative = np.cumsum(probabilities, axis=-1, dtype=np.float64)
+        # Only columns some row can draw take part (after top-k, a few dozen of the vocabulary): a probability-0
+        # column adds exactly 0 to the running sum, so leaving it out changes no draw.
+        columns = np.flatnonzero(probabilities.any(axis=0))
+        cumulative = np.cumsum(probabilities[:, columns], axis=-1, dtype=np.float64)
         total = cumulative[:, -1]
-        # The first index whose cumulative mass passes u * total (kept below total): probability-0 tokens never win.
+        # The first column whose cumulative mass passes u * total (kept below total): probability-0 tokens never win.
         targets = np.minimum(self.rng.random(scores.shape[0]) * total, np.nextafter(total, 0))
-        return (cumulative <= targets[:, None]).sum(axis=-1).astype(np.int64)
+        return columns[(cumulative <= targets[:, None]).sum(axis=-1)].astype(np.int64)
 
     def without_replacement(self, scores: np.ndarray, count: int) -> np.ndarray:
         """`count` distinct indices per row drawn without replacement from softmax(scores).

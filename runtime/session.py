@@ -78,6 +78,23 @@ class KVCache:
         count = len(self.keys)
         return KVCache(gathered[:count], gathered[count:], self.gather)
 
+    def reorder(self, rows: np.ndarray) -> KVCache:
+        """select(rows) for as many rows as the batch has (beams following their parents), consuming this cache:
+        numpy arrays are overwritten in place, row by row where a beam moved, instead of copied whole."""
+        rows = np.asarray(rows, dtype=np.int64)
+        tensors = list({id(tensor): tensor for tensor in self.keys + self.values}.values())  # each array once
+        if not all(
+            isinstance(tensor, np.ndarray) and tensor.flags.writeable and tensor.shape[0] == len(rows)
+            for tensor in tensors
+        ):
+            return self.select(rows)
+        moved = np.flatnonzero(rows != np.arange(len(rows)))
+        if moved.size:
+            sources = rows[moved]
+            for tensor in tensors:
+                tensor[moved] = tensor[sources]  # the right side is gathered first, so overlapping rows are safe
+        return self
+
 
 def physical_cores() -> int:
     """Cores to run on: the CPUs this process may use, halved when they are hyper-threads of the same cores."""

@@ -203,6 +203,31 @@ def test_select_keeps_identity_without_copy(bundles: dict[str, Path]) -> None:
     np.testing.assert_array_equal(picked.keys[0][2], past.keys[0][0])
 
 
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [0, 0, 1, 2], [3, 3, 3, 3], [1, 0, 3, 2], [2, 0, 0, 1]])
+def test_reorder_in_place_equals_select(rows: list[int]) -> None:
+    """Beams following parents whose rows are themselves overwritten (chains, swaps) still read the old rows."""
+    rng = np.random.default_rng(0)
+    keys = [rng.random((4, 2, 3, 5), dtype=np.float32) for _ in range(2)]
+    values = [rng.random((4, 2, 3, 5), dtype=np.float32) for _ in range(2)]
+    expected = KVCache([k.copy() for k in keys], [v.copy() for v in values]).select(np.array(rows))
+    reordered = KVCache(keys, values).reorder(np.array(rows))
+    assert reordered.keys[0] is keys[0]  # overwritten in place, not copied
+    for got, want in zip(reordered.keys + reordered.values, expected.keys + expected.values, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_reorder_touches_a_shared_array_once() -> None:
+    shared = np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1)
+    reordered = KVCache([shared, shared], [shared, shared]).reorder(np.array([2, 0, 0]))
+    np.testing.assert_array_equal(reordered.keys[1].ravel(), [2, 0, 0])
+
+
+def test_reorder_falls_back_to_select_for_a_new_batch_size() -> None:
+    keys = [np.arange(2, dtype=np.float32).reshape(2, 1, 1, 1)]
+    grown = KVCache(keys, list(keys)).reorder(np.array([0, 0, 1]))
+    np.testing.assert_array_equal(grown.keys[0].ravel(), [0, 0, 1])
+
+
 def test_gather_rows_model_is_valid_onnx() -> None:
     import onnx
 

@@ -10,7 +10,7 @@ import torch
 
 from _search_fixtures import Pair, prompt_rows, random_pair, reference_beams, torch_step_logprobs
 from gpt2onnx.runtime.outputs import GenerationOutput
-from gpt2onnx.runtime.search import top_k
+from gpt2onnx.runtime.processors import top_k
 from reference import reference_generate
 
 NEW_TOKENS = 12
