@@ -25,7 +25,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int8": {"quantize": "int8"},
     "fp16": {"dtype": "fp16"},
 }
-FUSED_OPS = ["FastGelu", "MultiHeadAttention", "SkipLayerNormalization"]
+FUSED_OPS = ["FastGelu", "MultiHeadAttention"]
 ROWS = [[8001, 811, 34, 498, 493, 36, 15516, 38, 594], [464, 2068, 7586]]
 
 
@@ -120,6 +120,35 @@ def test_fused_fp32_logits_match_pytorch(bundles: dict[str, Path], torch_model: 
     logits, reference = _bundle_logits(session, batch), _torch_logits(torch_model, batch)
     real = batch.attention_mask.astype(bool)
     assert np.max(np.abs(logits[real] - reference[real])) <= 1e-4 * max(1.0, np.max(np.abs(reference[real])))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "quick_gelu"])
+def test_other_activations_in_fused_and_int8_graphs(tmp_path: Path, activation: str) -> None:
+    """Activations other than GPT-2's tanh GELU: the fused graph matches PyTorch; the int8 one passes validation."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(SEED)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=300,
+        n_positions=64,
+        activation_function=activation,
+        bos_token_id=299,
+        eos_token_id=299,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path / "checkpoint")
+    fused = export_bundle(str(tmp_path / "checkpoint"), tmp_path / "fused")
+    int8 = export_bundle(str(tmp_path / "checkpoint"), tmp_path / "int8", quantize="int8")
+    batch = PaddedBatch.from_rows([[5, 17, 299, 3], [42, 7]], pad_token_id=0)
+    logits = _bundle_logits(DecoderSession(read_manifest(fused), provider="cpu"), batch)
+    reference = _torch_logits(model, batch)
+    real = batch.attention_mask.astype(bool)
+    assert np.max(np.abs(logits[real] - reference[real])) <= 1e-4 * max(1.0, np.max(np.abs(reference[real])))
+    assert _manifest_data(int8)["validation"]["passed"] is True
 
 
 def test_fused_attention_masks_match_plain_graph_with_past(bundles: dict[str, Path]) -> None:
