@@ -37,15 +37,22 @@ def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest entries of each row of a 2-D array and their indices, best first; ties go to the lower index.
 
     A few passes over the row, no sort of it: the k-th largest of many block maxima bounds the k-th largest entry
-    from below, so only the entries at or above that bound (usually few) are sorted.
+    from below, and only the blocks whose maximum reaches that bound (about k of them) are searched and sorted.
     """
     rows, width = values.shape
     k = min(k, width)
     blocks = min(width, 32 * k)
-    maxima = np.maximum.reduceat(values, (np.arange(blocks) * width) // blocks, axis=1)
+    starts = (np.arange(blocks) * width) // blocks
+    lengths = np.diff(starts, append=width)
+    maxima = np.maximum.reduceat(values, starts, axis=1)
     bound = np.partition(maxima, blocks - k, axis=1)[:, blocks - k]
-    row, column = np.nonzero(values >= bound[:, None])
+    block_row, block = np.nonzero(maxima >= bound[:, None])
+    sizes = lengths[block]
+    row = np.repeat(block_row, sizes)
+    column = np.repeat(starts[block] - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
     found = values[row, column]
+    reached = found >= bound[row]
+    row, column, found = row[reached], column[reached], found[reached]
     order = np.lexsort((column, -found, row))  # by row, then best first, then lower index
     counts = np.bincount(row, minlength=rows)
     take = (np.cumsum(counts) - counts)[:, None] + np.arange(k)

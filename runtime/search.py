@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .outputs import TokenLogprob
-from .processors import log_softmax, top_k
+from .processors import FILTER_VALUE, log_softmax, top_k
 
 StepLogprobs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]  # chosen [rows], top ids / values [rows, top]
 
@@ -50,11 +50,11 @@ class Sampler:
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         """One token per row."""
-        probabilities = np.exp(log_softmax(scores))
-        # Only columns some row can draw take part (after top-k, a few dozen of the vocabulary): a probability-0
-        # column adds exactly 0 to the running sum, so leaving it out changes no draw.
-        columns = np.flatnonzero(probabilities.any(axis=0))
-        cumulative = np.cumsum(probabilities[:, columns], axis=-1, dtype=np.float64)
+        # Only columns some row can draw take part (after top-k, a few dozen of the vocabulary): a filtered
+        # column has probability 0 and adds exactly 0 to the running sum, so leaving it out changes no draw.
+        columns = np.flatnonzero((scores > FILTER_VALUE).any(axis=0))
+        probabilities = np.exp(log_softmax(scores[:, columns]))
+        cumulative = np.cumsum(probabilities, axis=-1, dtype=np.float64)
         total = cumulative[:, -1]
         # The first column whose cumulative mass passes u * total (kept below total): probability-0 tokens never win.
         targets = np.minimum(self.rng.random(scores.shape[0]) * total, np.nextafter(total, 0))

@@ -42,3 +42,10 @@ def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
     assert len(titles) == len(results["systems"])
     assert all(title.startswith(row["title"]) for title, row in zip(titles, results["systems"], strict=True))
     assert "1.00×" in next(line for line in table if line.startswith("| transformers"))
+
+    # The per-operator profile of the bundle just measured (the tool for finding where decode time goes).
+    profile = [sys.executable, str(REPO / "benchmarks" / "profile_ops.py"), str(tmp_path / "bundles" / "tiny-int8")]
+    profiled = subprocess.run([*profile, "--prompt", "16", "--runs", "10"], capture_output=True, text=True, timeout=300)
+    assert profiled.returncode == 0, profiled.stderr[-3000:]
+    assert "decode step, batch 1, past 40" in profiled.stdout and "prefill of 16 tokens" in profiled.stdout
+    assert "MatMulNBits" in profiled.stdout and "MultiHeadAttention" in profiled.stdout

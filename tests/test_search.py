@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _search_fixtures import Pair, prompt_rows, random_pair, reference_beams, torch_step_logprobs
 from gpt2onnx.runtime.outputs import GenerationOutput
@@ -176,6 +178,28 @@ def test_generating_on_the_previous_output_continues_like_one_longer_call(name: 
     halves = pair.model.generate(input_ids=prompt, max_new_tokens=5, **options).sequences[0].token_ids
     rest = pair.model.generate(input_ids=halves, max_new_tokens=NEW_TOKENS - 5, **options).sequences[0]
     assert rest.token_ids == whole.token_ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    width=st.integers(1, 2500),
+    k=st.integers(1, 70),
+    levels=st.sampled_from([3, 1000]),  # few distinct values: many ties
+    neg_inf_share=st.sampled_from([0.0, 0.5, 0.99]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_top_k_equals_a_stable_sort(
+    rows: int, width: int, k: int, levels: int, neg_inf_share: float, seed: int
+) -> None:
+    """The block search may skip blocks, never entries: any shape, ties and -inf give the stable sort's first k."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, levels, (rows, width)).astype(np.float32)
+    values[rng.random((rows, width)) < neg_inf_share] = -np.inf
+    found, indices = top_k(values, k)
+    expected = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    assert np.array_equal(indices, expected)
+    assert np.array_equal(found, np.take_along_axis(values, expected, axis=1))
 
 
 def test_top_k_matches_torch_and_breaks_ties_by_index() -> None:

@@ -1,0 +1,99 @@
+"""Where a bundle's graph spends its time: onnxruntime's own profiler, summed per operator type.
+
+    python benchmarks/profile_ops.py models/random-small [--past 40] [--batch 1] [--prompt 512] [--runs 30]
+
+Profiles one decode step (`--batch` rows, one new token after `--past` cached positions) and one prefill of
+`--prompt` tokens, after two unmeasured runs each, with the session options the runtime uses (physical cores, no
+spinning). Prints, per operator type, the milliseconds per run and the share of the kernel time, then the slowest
+single nodes. The profiler adds some time per node: use the shares, and profile_decode.py or benchmarks/run.py for
+wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2onnx.runtime import bundle
+from gpt2onnx.runtime._ort import ort
+from gpt2onnx.runtime.bundle import read_manifest
+from gpt2onnx.runtime.session import physical_cores
+
+
+def _feeds(manifest: Any, batch: int, past: int, new: int) -> dict[str, np.ndarray]:
+    arch = manifest.architecture
+    dtype = np.float16 if manifest.dtype == "float16" else np.float32
+    rng = np.random.default_rng(0)
+    feeds = {
+        bundle.INPUT_IDS: rng.integers(0, arch.vocab_size, (batch, new)).astype(np.int64),
+        bundle.ATTENTION_MASK: np.ones((batch, past + new), np.int64),
+        bundle.POSITION_IDS: np.tile(np.arange(past, past + new, dtype=np.int64), (batch, 1)),
+        bundle.LOGITS_TO_KEEP: np.array(1, np.int64),
+    }
+    for layer in range(arch.n_layer):
+        for name in (bundle.past_key_name(layer), bundle.past_value_name(layer)):
+            feeds[name] = rng.random((batch, arch.n_head, past, arch.head_dim)).astype(dtype)
+    return feeds
+
+
+def profile(manifest: Any, feeds: dict[str, np.ndarray], runs: int, warmup: int = 2) -> tuple[dict, dict]:
+    """Milliseconds per run by operator type and by node, over `runs` runs after `warmup` ones (left out)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = physical_cores()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ops")
+    session = ort.InferenceSession(str(manifest.model_path), options, providers=["CPUExecutionProvider"])
+    for _ in range(warmup + runs):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    kernels = [
+        event
+        for event in json.loads(trace.read_text())
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+    ]
+    trace.unlink()
+    per_run = len(kernels) // (warmup + runs)  # every run executes the same nodes, in order
+    by_type: collections.Counter[str] = collections.Counter()
+    by_node: collections.Counter[str] = collections.Counter()
+    for event in kernels[warmup * per_run :]:
+        by_type[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+        by_node[event["name"].removesuffix("_kernel_time")] += event["dur"] / 1000 / runs
+    return dict(by_type), dict(by_node)
+
+
+def report(title: str, by_type: dict[str, float], by_node: dict[str, float], nodes: int) -> None:
+    total = sum(by_type.values())
+    print(f"\n{title}: {total:.2f} ms of kernel time per run")
+    for op, ms in sorted(by_type.items(), key=lambda item: -item[1]):
+        print(f"  {op:28s} {ms:9.3f} ms  {100 * ms / total:5.1f}%")
+    slowest = sorted(by_node.items(), key=lambda item: -item[1])[:nodes]
+    print("  slowest nodes:", ", ".join(f"{name} {ms:.3f} ms" for name, ms in slowest))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--past", type=int, default=40, help="cached positions before the decode step")
+    parser.add_argument("--batch", type=int, default=1, help="rows of the decode step (5 for beam-5)")
+    parser.add_argument("--prompt", type=int, default=512, help="prefill length (0: skip the prefill)")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--nodes", type=int, default=5, help="slowest single nodes to list")
+    args = parser.parse_args()
+    manifest = read_manifest(args.bundle)
+    decode = profile(manifest, _feeds(manifest, args.batch, args.past, 1), args.runs)
+    report(f"decode step, batch {args.batch}, past {args.past}", *decode, args.nodes)
+    if args.prompt:
+        prefill = profile(manifest, _feeds(manifest, 1, 0, args.prompt), max(1, args.runs // 10))
+        report(f"prefill of {args.prompt} tokens", *prefill, args.nodes)
+
+
+if __name__ == "__main__":
+    main()
