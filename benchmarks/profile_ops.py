@@ -3,10 +3,9 @@
     python benchmarks/profile_ops.py models/random-small [--past 40] [--batch 1] [--prompt 512] [--runs 30]
 
 Profiles one decode step (`--batch` rows, one new token after `--past` cached positions) and one prefill of
-`--prompt` tokens, after two unmeasured runs each, with the session options the runtime uses (physical cores, no
-spinning). Prints, per operator type, the milliseconds per run and the share of the kernel time, then the slowest
-single nodes. The profiler adds some time per node: use the shares, and profile_decode.py or benchmarks/run.py for
-wall times.
+`--prompt` tokens, after two unmeasured runs each, with the session options the runtime uses. Prints, per operator
+type, the milliseconds per run and the share of the kernel time, then the slowest single nodes. The profiler adds
+some time per node: use the shares, and profile_decode.py or benchmarks/run.py for wall times.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import numpy as np
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime._ort import ort
 from gpt2onnx.runtime.bundle import read_manifest
-from gpt2onnx.runtime.session import physical_cores
+from gpt2onnx.runtime.session import session_options
 
 
 def _feeds(manifest: Any, batch: int, past: int, new: int) -> dict[str, np.ndarray]:
@@ -45,9 +44,7 @@ def _feeds(manifest: Any, batch: int, past: int, new: int) -> dict[str, np.ndarr
 
 def profile(manifest: Any, feeds: dict[str, np.ndarray], runs: int, warmup: int = 2) -> tuple[dict, dict]:
     """Milliseconds per run by operator type and by node, over `runs` runs after `warmup` ones (left out)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = physical_cores()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options()
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ops")
     session = ort.InferenceSession(str(manifest.model_path), options, providers=["CPUExecutionProvider"])

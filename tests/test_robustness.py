@@ -121,6 +121,16 @@ def test_memory_stays_flat_over_many_calls(tiny_gpt2: RandomGPT2) -> None:
     assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 400 calls"
 
 
+def test_an_idle_model_uses_no_cpu(tiny_gpt2: RandomGPT2) -> None:
+    """onnxruntime's threads spin only while a run is in progress: after generating, the process sleeps."""
+    model = gpt2onnx.load(tiny_gpt2.bundle, threads=2)
+    model.generate("Artificial intelligence", max_new_tokens=16, num_beams=2)
+    start = time.process_time()  # CPU time of every thread of this process, whatever else runs on the machine
+    time.sleep(0.5)
+    used = time.process_time() - start
+    assert used < 0.005, f"{used:.3f} s of CPU in 0.5 s of idling after a generation"
+
+
 def test_generating_to_the_full_context(tiny_gpt2: RandomGPT2) -> None:
     model = gpt2onnx.load(tiny_gpt2.bundle)
     prompt = model.tokenizer.encode("Artificial intelligence")
