@@ -169,10 +169,9 @@ def export_bundle(
     """Export a GPT-2 checkpoint (hub id, folder, or random_init shape) to a bundle folder; return its path.
 
     optimize: build the graph from onnxruntime's fused contrib ops (MultiHeadAttention with past/present,
-    FastGelu); False keeps standard ONNX ops only. quantize="int8": int8 weights in the
-    fused graph (MatMulNBits, int8 activations at run time; fp32 only). The bundle is assembled in a hidden sibling
-    folder and renamed into place after validation, so a failed or interrupted export leaves no bundle (and no
-    half-written one) at `output`.
+    FastGelu); False keeps standard ONNX ops only. quantize="int8": int8 weights in the fused graph (MatMulNBits,
+    int8 activations at run time; fp32 only). The bundle is assembled in a hidden sibling folder and renamed into
+    place after validation, so a failed or interrupted export leaves no bundle (and no half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
     _require_export_dependencies()
