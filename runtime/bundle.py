@@ -180,8 +180,6 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
         size = path.stat().st_size
         if size != entry.get("size"):
             raise _fail(folder, f"file {name} has {size} bytes, the manifest says {entry.get('size')} (damaged?)")
-        if verify_hashes and sha256_of(path) != entry.get("sha256"):
-            raise _fail(folder, f"file {name} does not match its sha256 in the manifest (damaged or altered)")
 
     def token(key: str) -> int | None:
         value = tokens.get(key)
@@ -189,7 +187,7 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
             raise _fail(folder, f"special_tokens.{key} is not a token id of this model: {value!r}")
         return value
 
-    return Manifest(
+    manifest = Manifest(
         folder=folder,
         data=data,
         architecture=architecture,
@@ -198,3 +196,13 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
         pad_token_id=token("pad_token_id"),
         dtype=dtype,
     )
+    if verify_hashes:
+        check_hashes(manifest)
+    return manifest
+
+
+def check_hashes(manifest: Manifest) -> None:
+    """Raise BundleError naming the first file whose sha256 differs from the manifest's."""
+    for name, entry in manifest.data["files"].items():
+        if sha256_of(manifest.folder / name) != entry.get("sha256"):
+            raise _fail(manifest.folder, f"file {name} does not match its sha256 in the manifest (damaged or altered)")

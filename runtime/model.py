@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .beam_search import BeamSearch, beam_search
-from .bundle import Manifest, read_manifest
+from .bundle import Manifest, check_hashes, read_manifest
 from .errors import BundleError, InvalidInputError
 from .generation import PaddedBatch, Step, token_steps
 from .options import GenerationOptions
@@ -297,7 +298,22 @@ def load(path: str | Path, provider: str = "auto", verify_hashes: bool = True, t
     provider: 'auto' (CUDA when usable, else CPU), 'cpu' or 'cuda' (an error if CUDA cannot be used).
     verify_hashes=False skips the sha256 check of the files (sizes are still checked).
     """
-    manifest = read_manifest(path, verify_hashes=verify_hashes)
+    manifest = read_manifest(path, verify_hashes=False)
+    if not verify_hashes:
+        return _open(manifest, provider, threads)
+    # Hashing (hashlib) and loading (onnxruntime) both run without the GIL: check the hashes while loading.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashes_checked = pool.submit(check_hashes, manifest)
+        try:
+            model = _open(manifest, provider, threads)
+        except Exception:
+            hashes_checked.result()  # a damaged file explains a failed load better than the loader's own message
+            raise
+        hashes_checked.result()
+    return model
+
+
+def _open(manifest: Manifest, provider: str, threads: int | None) -> GPT2Model:
     tokenizer = None
     if manifest.tokenizer_path is not None:
         tokenizer = Tokenizer(manifest.tokenizer_path)

@@ -87,6 +87,12 @@ def model_file_not_onnx(folder: Path) -> None:
     edit_manifest(folder, lambda data: None, rehash=True)
 
 
+def model_file_replaced(folder: Path) -> None:
+    """Garbage of the same size: onnxruntime fails to load it while the hashes are checked beside it."""
+    path = folder / "model.onnx"
+    path.write_bytes(b"\0" * path.stat().st_size)
+
+
 def oversized_tokenizer(folder: Path) -> None:
     def shrink_vocabulary(data: dict) -> None:
         data["architecture"]["vocab_size"] = 1000
@@ -108,6 +114,7 @@ CASES: list[tuple[Damage, str]] = [
     (eos_outside_vocabulary, "special_tokens.eos_token_id is not a token id of this model"),
     (rename_a_graph_input, "lacks the graph input/output input_ids"),
     (model_file_not_onnx, "onnxruntime cannot load model.onnx"),
+    (model_file_replaced, "file model.onnx does not match its sha256"),  # the cause, not the loader's complaint
     (oversized_tokenizer, "the tokenizer has 50257 tokens, more than the model's vocabulary of 1000"),
 ]
 
