@@ -25,7 +25,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000)")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads per generation (default: physical cores)")
+    parser.add_argument(
+        "--threads", type=positive_int, help="CPU threads per generation (default: physical cores / workers, min. 1)"
+    )
     parser.add_argument("--workers", type=positive_int, default=1, help="generations run at once (default: 1)")
     parser.add_argument(
         "--queue-size", type=non_negative_int, default=8, help="requests that may wait for a worker; more get 503"
@@ -47,6 +49,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def threads_per_worker(workers: int) -> int:
+    """The physical cores shared out among the workers: generations running at once must not oversubscribe them."""
+    from gpt2onnx.runtime.session import physical_cores
+
+    return max(1, physical_cores() // workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -61,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         import gpt2onnx
 
         model = gpt2onnx.load(
-            args.model, provider=args.provider, verify_hashes=not args.no_verify, threads=args.threads
+            args.model,
+            provider=args.provider,
+            verify_hashes=not args.no_verify,
+            threads=args.threads or threads_per_worker(args.workers),
         )
         app = create_app(model, workers=args.workers, queue_size=args.queue_size, model_id=args.model_name)
         if not is_loopback(args.host):

@@ -389,3 +389,22 @@ def test_a_queued_request_whose_client_left_never_runs(server: Server) -> None:
         assert busy.result().status_code == 200
     after = server.wait_until(lambda metrics: metrics["running"] == 0)
     assert after["completed"] == before["completed"] + 1
+
+
+def test_workers_share_the_cores_unless_threads_are_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Busy workers with a thread per core each would oversubscribe the CPU: the default shares the cores out."""
+    import gpt2onnx
+    from gpt2onnx.serve import command
+
+    monkeypatch.setattr("gpt2onnx.runtime.session.physical_cores", lambda: 8)
+    assert [command.threads_per_worker(workers) for workers in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    asked: list[int | None] = []
+
+    def fake_load(path: str, **options: Any) -> None:
+        asked.append(options["threads"])
+        raise gpt2onnx.BundleError("stop here")
+
+    monkeypatch.setattr(gpt2onnx, "load", fake_load)
+    assert command.main(["--workers", "3"]) == 2
+    assert command.main(["--workers", "3", "--threads", "5"]) == 2
+    assert asked == [2, 5]
