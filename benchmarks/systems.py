@@ -338,6 +338,15 @@ SYSTEMS = (
         ),
     ),
     System(
+        "gpt2onnx-int8-fast-prefill",
+        "gpt2-onnx int8 + fast prefill",
+        lambda ws: Ready(
+            in_this_env("gpt2onnx", "onnxruntime"),
+            "gpt2onnx",
+            str(ws.bundle("int8-fast-prefill", ["--quantize", "int8", "--fast-prefill"])),
+        ),
+    ),
+    System(
         "optimum",
         "optimum ORTModelForCausalLM fp32",
         lambda ws: Ready(ws.venv(OPTIMUM_VENV), "optimum", str(ws.optimum_export())),
@@ -363,4 +372,4 @@ SYSTEMS = (
         lambda ws: Ready(ws.venv(GENAI_VENV), "genai", str(ws.genai_model(int8=True))),
     ),
 )
-SMOKE_SYSTEMS = ("transformers", "gpt2onnx-fp32", "gpt2onnx-int8")
+SMOKE_SYSTEMS = ("transformers", "gpt2onnx-fp32", "gpt2onnx-int8", "gpt2onnx-int8-fast-prefill")

@@ -28,13 +28,19 @@ def build_parser() -> ArgumentParser:
         "--optimize",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="build the graph from onnxruntime's fused ops (attention with past, skip layer norm, fast GELU); "
+        help="build the graph from onnxruntime's fused ops (attention with past, fast GELU); "
         "--no-optimize keeps standard ONNX ops only (default: optimize)",
     )
     parser.add_argument(
         "--quantize",
         choices=("int8",),
         help="int8 weights (blocks of 128, int8 activations at run time) in the fused graph; for CPU, fp32 only",
+    )
+    parser.add_argument(
+        "--fast-prefill",
+        action="store_true",
+        help="with --quantize int8: store the blocks a second time for onnxruntime's int8 GEMM, used for prompts "
+        "(about 1.6x faster first token after a long prompt; +85 MB for GPT-2 small, on disk and in memory)",
     )
     parser.add_argument(
         "--random-init",
@@ -59,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--quantize {args.quantize} applies to fp32 weights; drop --dtype {args.dtype}")
     if args.quantize and not args.optimize:
         parser.error(f"--quantize {args.quantize} builds on the fused graph; drop --no-optimize")
+    if args.fast_prefill and args.quantize != "int8":
+        parser.error("--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8")
 
     def body() -> int:
         from gpt2onnx.export.exporter import Progress, export_bundle
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             optimize=args.optimize,
             quantize=args.quantize,
+            fast_prefill=args.fast_prefill,
             random_init=args.random_init,
             seed=args.seed,
             tokenizer=args.tokenizer,

@@ -95,22 +95,41 @@ def _save_graph(model_proto: Any, folder: Path) -> str | None:
     return bundle.MODEL_DATA_FILE
 
 
+def _nodes(graph: Any) -> Iterator[Any]:
+    """Every node of a graph, the nodes of its If branches included."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _nodes(attribute.g)
+
+
 def _quantization_record(model_proto: Any) -> dict[str, Any]:
     """What bundle.json says about int8 weights."""
-    projections = sum(node.op_type == "MatMulNBits" for node in model_proto.graph.node)
-    return {
+    ops = [node.op_type for node in _nodes(model_proto.graph)]
+    record = {
         "weights": "int8",
         "scheme": f"symmetric blocks of {QUANT_BLOCK} inputs per output, one float32 scale each (zero point 128)",
         "activations": "int8, quantised per block at run time (MatMulNBits accuracy_level 4)",
         "op": "com.microsoft.MatMulNBits",
-        "projections": projections,
+        "projections": ops.count("MatMulNBits"),
         "covers": "every attention and MLP projection, the lm_head (vocabulary projection) and the token embedding",
     }
+    if "DynamicQuantizeMatMul" in ops:
+        record["prompt_steps"] = {
+            "when": "a step of more than one token (prompts); single-token steps use the blocks above",
+            "scheme": "symmetric int8, one float32 scale per output column",
+            "activations": "int8, quantised per tensor at run time",
+            "op": "com.microsoft.DynamicQuantizeMatMul",
+            "projections": ops.count("DynamicQuantizeMatMul"),
+            "covers": "every attention and MLP projection (embedding and lm_head stay in blocks)",
+        }
+    return record
 
 
 def _contrib_ops(model_proto: Any) -> list[str]:
     """The onnxruntime contrib ops (fusions) the graph uses, by name."""
-    return sorted({node.op_type for node in model_proto.graph.node if node.domain == CONTRIB})
+    return sorted({node.op_type for node in _nodes(model_proto.graph) if node.domain == CONTRIB})
 
 
 def _describe_files(folder: Path) -> dict[str, Any]:
@@ -159,6 +178,7 @@ def export_bundle(
     dtype: str = "fp32",
     optimize: bool = True,
     quantize: str | None = None,
+    fast_prefill: bool = False,
     random_init: str | None = None,
     seed: int = 0,
     tokenizer: str | None = None,
@@ -170,8 +190,10 @@ def export_bundle(
 
     optimize: build the graph from onnxruntime's fused contrib ops (MultiHeadAttention with past/present,
     FastGelu); False keeps standard ONNX ops only. quantize="int8": int8 weights in the fused graph (MatMulNBits,
-    int8 activations at run time; fp32 only). The bundle is assembled in a hidden sibling folder and renamed into
-    place after validation, so a failed or interrupted export leaves no bundle (and no half-written one) at `output`.
+    int8 activations at run time; fp32 only). fast_prefill (with int8): the blocks a second time as int8 matrices
+    for onnxruntime's int8 GEMM, used for steps of several tokens (prompts): faster prompts for more memory. The
+    bundle is assembled in a hidden sibling folder and renamed into place after validation, so a failed or
+    interrupted export leaves no bundle (and no half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
     _require_export_dependencies()
@@ -184,6 +206,8 @@ def export_bundle(
         raise ExportError(f"--quantize {quantize} applies to fp32 weights; drop --dtype {dtype}")
     if quantize is not None and not optimize:
         raise ExportError(f"--quantize {quantize} builds on the fused graph; drop --no-optimize")
+    if fast_prefill and quantize != "int8":
+        raise ExportError("--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8")
     output = Path(output) if output is not None else default_output(model, random_init)
     if output.exists() and not force:
         raise InvalidInputError(f"output folder {output} already exists; pass --force to replace it")
@@ -198,9 +222,12 @@ def export_bundle(
             )
         spec = checkpoint.spec
         kind = ("fused" if optimize else "plain") + (f", {quantize} weights" if quantize else "")
+        kind += ", fast prefill" if fast_prefill else ""
         with progress.step(f"building the ONNX graph ({spec.n_layer} layers, {graph_dtype}, {kind})"):
             weights = checkpoint.weights()
-            model_proto = build_graph(spec, weights, graph_dtype, fused=optimize, int8=quantize == "int8")
+            model_proto = build_graph(
+                spec, weights, graph_dtype, fused=optimize, int8=quantize == "int8", fast_prefill=fast_prefill
+            )
             optimizations = _contrib_ops(model_proto)
             quantization = _quantization_record(model_proto) if quantize else None
             external = _save_graph(model_proto, staging)

@@ -13,12 +13,18 @@ provider that pair is faster than its SkipLayerNormalization (measured 0.19 vs 1
 tied token embedding is stored once: as [n_embd, vocab] for float graphs (MatMul reads it for the logits, a Gather
 along axis 1 for the input), or as the lm_head's MatMulNBits blocks for int8 graphs (the input Gather dequantises
 its rows). An untied lm_head gets its own weight.
+
+An int8 graph with fast prefill holds the blocks twice, chosen per run by an If on the step's length: steps of one
+token (decoding) run the MatMulNBits blocks; longer steps (prompts) run the same blocks over int8 matrices with one
+scale per output column (DynamicQuantizeMatMul: onnxruntime's int8 GEMM, about twice as fast for hundreds of rows;
+activations quantised per tensor at run time). Embedding, positions and lm_head sit outside the If, shared.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,10 +73,12 @@ class _Builder:
 
         self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
         self.int8 = int8
+        self.int8_columns = False  # int8 projections as DynamicQuantizeMatMul (inside the prefill branch)
         self.np_dtype = NUMPY_DTYPES[dtype]
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
         self.nodes: list = []
         self.initializers: list = []
+        self._names: set[str] = set()
         self._count = 0
 
     def fresh(self, stem: str) -> str:
@@ -78,7 +86,10 @@ class _Builder:
         return f"{stem}_{self._count}"
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        """An initializer of the main graph, registered once per name (If branches read it from there)."""
+        if name not in self._names:
+            self._names.add(name)
+            self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def const(self, value, dtype=None) -> str:
@@ -89,6 +100,17 @@ class _Builder:
         outputs = outputs or [self.fresh(op_type.lower())]
         self.nodes.append(self.helper.make_node(op_type, list(inputs), outputs, name=self.fresh(op_type), **attrs))
         return outputs[0]
+
+    @contextmanager
+    def subgraph(self, int8_columns: bool) -> Iterator[list]:
+        """Collect the nodes built inside the block into a list of their own (an If branch's body); initializers
+        stay in the main graph (measured: onnxruntime keeps less memory than with weights inside the branches)."""
+        outer, columns = self.nodes, self.int8_columns
+        self.nodes, self.int8_columns = [], int8_columns
+        try:
+            yield self.nodes
+        finally:
+            self.nodes, self.int8_columns = outer, columns
 
     def linear(self, x: str, weight: str, bias: str) -> str:
         return self.op("Add", self.op("MatMul", x, weight), bias)
@@ -117,7 +139,23 @@ class _Builder:
         if not self.int8:
             product = self.op("MatMul", x, self.weight(name, weight.astype(self.np_dtype)))
             return product if bias is None else self.op("Add", product, bias)
+        if self.int8_columns:
+            return self.project_columns(x, name, weight, bias)
         return self.project_blocks(x, *self.quantized(name, weight.T), *weight.shape, bias=bias)
+
+    def project_columns(self, x: str, name: str, weight: np.ndarray, bias: str | None) -> str:
+        """DynamicQuantizeMatMul over weight [in, out] as int8 with one scale per output column (max|w| / 127)."""
+        scales = np.abs(weight).max(axis=0) / 127.0
+        scales[scales == 0] = 1.0
+        data = np.clip(np.round(weight / scales), -127, 127).astype(np.int8)
+        return self.op(
+            "DynamicQuantizeMatMul",
+            x,
+            self.weight(name + ".int8_columns", data),
+            self.weight(name + ".column_scales", scales.astype(np.float32)),
+            *(("", bias) if bias is not None else ()),
+            domain=CONTRIB,
+        )
 
     def project_blocks(self, x: str, data: str, scales: str, inputs: int, outputs: int, bias: str | None = None) -> str:
         bias_inputs = ("", "", bias) if bias is not None else ()  # after the zero points and g_idx it does not use
@@ -228,11 +266,17 @@ def _residual_layer_norm(b: _Builder, x: str, residual: str, weight: str, bias: 
 
 
 def _fused_blocks(
-    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str
+    b: _Builder,
+    spec: GPT2Spec,
+    weights: dict[str, np.ndarray],
+    w: Callable[[str], str],
+    hidden: str,
+    present_suffix: str = "",
 ) -> str:
     """The blocks with onnxruntime contrib ops: MultiHeadAttention (past/present), FastGelu; projections through
     b.project (float, or int8 with the biases inside MatMulNBits, where the QKV and MLP biases go in place of
-    MultiHeadAttention's and FastGelu's). Returns the final layer norm's output."""
+    MultiHeadAttention's and FastGelu's). Returns the final layer norm's output; the present key/values get the
+    graph outputs' names plus present_suffix (inside an If branch, whose outputs the If renames)."""
     E, eps = spec.n_embd, spec.layer_norm_epsilon
     # Masking inside the op: causal (unidirectional, past included) and padding keys from the [batch, T] mask. This
     # is measurably faster on CPU than an additive [batch, 1, S, T] bias, and is the classic GPT-2 path on CUDA.
@@ -259,7 +303,11 @@ def _fused_blocks(
             "",
             bundle.past_key_name(layer),
             bundle.past_value_name(layer),
-            outputs=[context, bundle.present_key_name(layer), bundle.present_value_name(layer)],
+            outputs=[
+                context,
+                bundle.present_key_name(layer) + present_suffix,
+                bundle.present_value_name(layer) + present_suffix,
+            ],
             domain=CONTRIB,
             num_heads=spec.n_head,
             scale=spec.attention_scale(layer),
@@ -275,6 +323,27 @@ def _fused_blocks(
         mlp = b.project(inner, p + "mlp.c_proj.weight", weights[p + "mlp.c_proj.weight"], w(p + "mlp.c_proj.bias"))
         following = f"transformer.h.{layer + 1}.ln_1." if layer + 1 < spec.n_layer else "transformer.ln_f."
         normed, residual = _residual_layer_norm(b, mlp, residual, w(following + "weight"), w(following + "bias"), eps)
+    return normed
+
+
+def _blocks_by_step_length(
+    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str
+) -> str:
+    """If the step has more than one new token (a prompt): the blocks over DynamicQuantizeMatMul; else (decoding)
+    over MatMulNBits. Returns the final layer norm's output; the If writes the present key/values."""
+    seq_len = b.op("Squeeze", b.op("Shape", bundle.INPUT_IDS, start=1, end=2), b.const([0], np.int64))
+    is_prompt = b.op("Greater", seq_len, b.const(1, np.int64))
+    presents = bundle.io_names(spec.n_layer)[1][1:]  # present.{i}.key, present.{i}.value, ...
+    branches = {}
+    for label, columns in (("prompt", True), ("step", False)):
+        suffix = f".{label}"
+        with b.subgraph(int8_columns=columns) as nodes:
+            normed = _fused_blocks(b, spec, weights, w, hidden, present_suffix=suffix)
+        outputs = [normed, *(name + suffix for name in presents)]
+        value_infos = [b.helper.make_tensor_value_info(name, b.onnx_dtype, None) for name in outputs]
+        branches[label] = b.helper.make_graph(nodes, f"blocks_{label}", [], value_infos)
+    normed = b.fresh("normed")
+    b.op("If", is_prompt, outputs=[normed, *presents], then_branch=branches["prompt"], else_branch=branches["step"])
     return normed
 
 
@@ -316,11 +385,13 @@ def build_graph(
     *,
     fused: bool = False,
     int8: bool = False,
+    fast_prefill: bool = False,
 ):
     """Return the onnx.ModelProto of a GPT-2 with the given transformers-style state dict (numpy arrays).
 
     fused: build the blocks from onnxruntime contrib ops (faster; needs onnxruntime) instead of standard ONNX ops.
     int8: int8 weights (MatMulNBits) for every projection and the embedding; needs fused and float32.
+    fast_prefill: with int8, the blocks a second time over DynamicQuantizeMatMul for steps of several tokens.
     """
     from onnx import TensorProto, helper
 
@@ -330,6 +401,8 @@ def build_graph(
         raise ExportError(f"unsupported activation function {spec.activation!r}; supported: {', '.join(ACTIVATIONS)}")
     if int8 and (not fused or dtype != "float32"):
         raise ExportError("int8 weights need the fused graph and float32 activations")
+    if fast_prefill and not int8:
+        raise ExportError("fast prefill is a second set of int8 blocks; it needs int8 weights")
     b = _Builder(dtype, int8=int8)
     H, D = spec.n_head, spec.head_dim
 
@@ -339,7 +412,8 @@ def build_graph(
     int64 = np.int64
     embedded, project_to_vocabulary = _embedding_and_head(b, spec, weights)
     hidden = b.op("Add", embedded, b.op("Gather", w("transformer.wpe.weight"), bundle.POSITION_IDS))
-    hidden = (_fused_blocks if fused else _plain_blocks)(b, spec, weights, w, hidden)
+    blocks = _blocks_by_step_length if fast_prefill else _fused_blocks if fused else _plain_blocks
+    hidden = blocks(b, spec, weights, w, hidden)
     # Keep only the last `logits_to_keep` positions (0 keeps all) before the vocabulary projection.
     start = b.op("Unsqueeze", b.op("Neg", bundle.LOGITS_TO_KEEP), b.const([0], int64))
     kept = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max], int64), b.const([1], int64))

@@ -15,6 +15,7 @@ from gpt2onnx.cli.export_command import main as export_main
 from gpt2onnx.export.checkpoint import random_checkpoint
 from gpt2onnx.export.exporter import export_bundle
 from gpt2onnx.runtime.bundle import read_manifest
+from gpt2onnx.runtime.errors import ExportError
 from gpt2onnx.runtime.generation import PaddedBatch, position_ids_from_mask
 from gpt2onnx.runtime.session import DecoderSession, KVCache
 
@@ -23,6 +24,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fused": {},
     "plain": {"optimize": False},
     "int8": {"quantize": "int8"},
+    "int8-fast-prefill": {"quantize": "int8", "fast_prefill": True},
     "fp16": {"dtype": "fp16"},
 }
 FUSED_OPS = ["FastGelu", "MultiHeadAttention"]
@@ -94,6 +96,11 @@ def test_manifest_records_graph_choices(bundles: dict[str, Path]) -> None:
     assert (quantization["weights"], quantization["op"]) == ("int8", "com.microsoft.MatMulNBits")
     assert quantization["projections"] == 2 * 4 + 1  # 4 projections per block + the lm_head
     assert graphs["int8"]["optimizations"] == sorted([*FUSED_OPS, "MatMulNBits"])
+    assert "prompt_steps" not in quantization
+    fast = graphs["int8-fast-prefill"]["quantization"]
+    assert fast["projections"] == 2 * 4 + 1 and fast["prompt_steps"]["projections"] == 2 * 4
+    assert fast["prompt_steps"]["op"] == "com.microsoft.DynamicQuantizeMatMul"
+    assert graphs["int8-fast-prefill"]["optimizations"] == sorted([*FUSED_OPS, "DynamicQuantizeMatMul", "MatMulNBits"])
     assert [graphs[name]["dtype"] for name in ("fused", "int8", "fp16")] == ["float32", "float32", "float16"]
 
 
@@ -102,6 +109,7 @@ def test_validation_records_variant_tolerance_and_agreement(bundles: dict[str, P
         "fused": ("float32", 1e-4),
         "plain": ("float32", 1e-4),
         "int8": ("int8", 0.15),
+        "int8-fast-prefill": ("int8", 0.15),
         "fp16": ("float16", 2e-2),
     }
     for name, folder in bundles.items():
@@ -175,7 +183,7 @@ def test_fp32_greedy_equals_transformers(bundles: dict[str, Path], torch_model: 
     assert got == [_truncate_at_eos(row) for row in expected]
 
 
-@pytest.mark.parametrize("variant", ["int8", "fp16"])
+@pytest.mark.parametrize("variant", ["int8", "int8-fast-prefill", "fp16"])
 def test_reduced_precision_bundles_load_and_generate(bundles: dict[str, Path], torch_model: Any, variant: str) -> None:
     model = gpt2onnx.load(bundles[variant], provider="cpu")
     output = model.generate(input_ids=ROWS, max_new_tokens=5)
@@ -185,6 +193,25 @@ def test_reduced_precision_bundles_load_and_generate(bundles: dict[str, Path], t
     real = batch.attention_mask.astype(bool)
     tolerance = _manifest_data(bundles[variant])["validation"]["tolerance"]
     assert np.max(np.abs(logits[real] - reference[real])) <= tolerance * max(1.0, np.max(np.abs(reference[real])))
+
+
+def test_fast_prefill_decodes_exactly_as_the_int8_graph(bundles: dict[str, Path]) -> None:
+    """Single-token steps take the MatMulNBits branch: given the same past, the same logits as the int8 bundle;
+    the prompt takes the DynamicQuantizeMatMul branch: close to, not equal to, the int8 bundle's prompt."""
+    plain = DecoderSession(read_manifest(bundles["int8"]), provider="cpu")
+    fast = DecoderSession(read_manifest(bundles["int8-fast-prefill"]), provider="cpu")
+    batch = PaddedBatch.from_rows(ROWS, pad_token_id=0)
+    positions = position_ids_from_mask(batch.attention_mask)
+    prompt_plain, past = plain.forward(batch.input_ids, batch.attention_mask, positions, plain.empty_cache(2), 0)
+    prompt_fast, _ = fast.forward(batch.input_ids, batch.attention_mask, positions, fast.empty_cache(2), 0)
+    real = batch.attention_mask.astype(bool)
+    assert not np.array_equal(prompt_fast[real], prompt_plain[real]), "the prompt ran the DynamicQuantizeMatMul blocks"
+    np.testing.assert_allclose(prompt_fast[real], prompt_plain[real], atol=0.15 * np.abs(prompt_plain).max())
+    step = (np.array([[5], [7]]), np.concatenate([batch.attention_mask, np.ones((2, 1), np.int64)], axis=1))
+    step_plain, after_plain = plain.forward(*step, positions[:, -1:] + 1, past)
+    step_fast, after_fast = fast.forward(*step, positions[:, -1:] + 1, past)
+    np.testing.assert_array_equal(step_fast, step_plain)
+    np.testing.assert_array_equal(after_fast.keys[1], after_plain.keys[1])
 
 
 def test_device_cache_path_matches_host_path(bundles: dict[str, Path]) -> None:
@@ -279,3 +306,13 @@ def test_cli_refuses_int8_combinations(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_refuses_fast_prefill_without_int8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--random-init", "tiny", "--fast-prefill", "--output", str(tmp_path / "b")])
+    assert exit_info.value.code == 2
+    assert "--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ExportError, match="add --quantize int8"):
+        export_bundle(output=tmp_path / "c", random_init="tiny", fast_prefill=True)
