@@ -33,21 +33,27 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def _block_bounds(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row cut into min(width, 32 k) blocks: their starts, their maxima [rows, blocks], and the k-th largest
+    maximum of each row, a lower bound of the row's k-th largest entry (k <= width)."""
+    width = values.shape[1]
+    blocks = min(width, 32 * k)
+    starts = (np.arange(blocks) * width) // blocks
+    maxima = np.maximum.reduceat(values, starts, axis=1)
+    return starts, maxima, np.partition(maxima, blocks - k, axis=1)[:, blocks - k]
+
+
 def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest entries of each row of a 2-D array and their indices, best first; ties go to the lower index.
 
-    A few passes over the row, no sort of it: the k-th largest of many block maxima bounds the k-th largest entry
-    from below, and only the blocks whose maximum reaches that bound (about k of them) are searched and sorted.
+    A few passes over the row, no sort of it: only the blocks whose maximum reaches the block bound (about k of
+    them) are searched and sorted.
     """
     rows, width = values.shape
     k = min(k, width)
-    blocks = min(width, 32 * k)
-    starts = (np.arange(blocks) * width) // blocks
-    lengths = np.diff(starts, append=width)
-    maxima = np.maximum.reduceat(values, starts, axis=1)
-    bound = np.partition(maxima, blocks - k, axis=1)[:, blocks - k]
+    starts, maxima, bound = _block_bounds(values, k)
     block_row, block = np.nonzero(maxima >= bound[:, None])
-    sizes = lengths[block]
+    sizes = np.diff(starts, append=width)[block]
     row = np.repeat(block_row, sizes)
     column = np.repeat(starts[block] - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
     found = values[row, column]
@@ -57,6 +63,20 @@ def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     counts = np.bincount(row, minlength=rows)
     take = (np.cumsum(counts) - counts)[:, None] + np.arange(k)
     return found[order][take], column[order][take]
+
+
+def kth_largest(values: np.ndarray, k: int) -> np.ndarray:
+    """The k-th largest entry of each row of a 2-D array (1 <= k <= width), ties counted.
+
+    Only the entries at or above the block bound (about k of them) are partitioned: a few numpy calls per row,
+    where top_k needs a few dozen for its sorted indices.
+    """
+    bounds = _block_bounds(values, k)[2]
+    kth = np.empty(len(values), values.dtype)
+    for row, (entries, bound) in enumerate(zip(values, bounds, strict=True)):
+        above = entries[entries >= bound]
+        kth[row] = np.partition(above, above.size - k)[above.size - k]
+    return kth
 
 
 class RepetitionPenalty:
@@ -164,9 +184,8 @@ class TopK:
         self.top_k = max(top_k, min_tokens_to_keep)
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        kept = min(self.top_k, scores.shape[-1])
-        threshold = top_k(scores, kept)[0][:, kept - 1 :]
-        return np.where(scores < threshold, FILTER_VALUE, scores)
+        threshold = kth_largest(scores, min(self.top_k, scores.shape[-1]))
+        return np.where(scores < threshold[:, None], FILTER_VALUE, scores)
 
 
 class _SortingFilter:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from _search_fixtures import Pair, prompt_rows, random_pair, reference_beams, torch_step_logprobs
 from gpt2onnx.runtime.outputs import GenerationOutput
-from gpt2onnx.runtime.processors import top_k
+from gpt2onnx.runtime.processors import kth_largest, top_k
 from reference import reference_generate
 
 NEW_TOKENS = 12
@@ -200,6 +200,24 @@ def test_top_k_equals_a_stable_sort(
     expected = np.argsort(-values, axis=1, kind="stable")[:, :k]
     assert np.array_equal(indices, expected)
     assert np.array_equal(found, np.take_along_axis(values, expected, axis=1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    width=st.integers(1, 2500),
+    k=st.integers(1, 70),
+    levels=st.sampled_from([3, 1000]),
+    neg_inf_share=st.sampled_from([0.0, 0.5, 0.99]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_kth_largest_equals_a_sort(rows: int, width: int, k: int, levels: int, neg_inf_share: float, seed: int) -> None:
+    """The threshold of the TopK processor: the k-th value of each row sorted in descending order, ties counted."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, levels, (rows, width)).astype(np.float32)
+    values[rng.random((rows, width)) < neg_inf_share] = -np.inf
+    k = min(k, width)
+    assert np.array_equal(kth_largest(values, k), -np.sort(-values, axis=1)[:, k - 1])
 
 
 def test_top_k_matches_torch_and_breaks_ties_by_index() -> None:
