@@ -61,12 +61,6 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quantize and args.dtype != "fp32":
-        parser.error(f"--quantize {args.quantize} applies to fp32 weights; drop --dtype {args.dtype}")
-    if args.quantize and not args.optimize:
-        parser.error(f"--quantize {args.quantize} builds on the fused graph; drop --no-optimize")
-    if args.fast_prefill and args.quantize != "int8":
-        parser.error("--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8")
 
     def body() -> int:
         from gpt2onnx.export.exporter import Progress, export_bundle

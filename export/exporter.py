@@ -171,6 +171,20 @@ def _place(staging: Path, output: Path, force: bool) -> None:
         staging.rename(output)
 
 
+def check_graph_options(dtype: str, optimize: bool, quantize: str | None, fast_prefill: bool) -> None:
+    """Raise InvalidInputError for a graph variant that cannot be built (named by its export-gpt2 flags)."""
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise InvalidInputError(f"unsupported quantization {quantize!r}; choose {', '.join(QUANTIZATIONS)}")
+    if quantize is not None and dtype != "fp32":
+        raise InvalidInputError(f"--quantize {quantize} applies to fp32 weights; drop --dtype {dtype}")
+    if quantize is not None and not optimize:
+        raise InvalidInputError(f"--quantize {quantize} builds on the fused graph; drop --no-optimize")
+    if fast_prefill and quantize != "int8":
+        raise InvalidInputError("--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8")
+
+
 def export_bundle(
     model: str = "gpt2",
     output: str | Path | None = None,
@@ -196,18 +210,9 @@ def export_bundle(
     interrupted export leaves no bundle (and no half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
+    check_graph_options(dtype, optimize, quantize, fast_prefill)
     _require_export_dependencies()
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
     graph_dtype = DTYPES[dtype]
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ExportError(f"unsupported quantization {quantize!r}; choose {', '.join(QUANTIZATIONS)}")
-    if quantize is not None and graph_dtype != "float32":
-        raise ExportError(f"--quantize {quantize} applies to fp32 weights; drop --dtype {dtype}")
-    if quantize is not None and not optimize:
-        raise ExportError(f"--quantize {quantize} builds on the fused graph; drop --no-optimize")
-    if fast_prefill and quantize != "int8":
-        raise ExportError("--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8")
     output = Path(output) if output is not None else default_output(model, random_init)
     if output.exists() and not force:
         raise InvalidInputError(f"output folder {output} already exists; pass --force to replace it")

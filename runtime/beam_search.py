@@ -210,8 +210,9 @@ def beam_search(
     # Every beam of a prompt starts from the same prompt: compute it once and copy its cache to the beams.
     rows = np.repeat(np.arange(prompts.input_ids.shape[0]), search.beams)
     logits, past = logits[rows, -1], past.select(rows)
-    positions = position_ids_from_mask(prompts.attention_mask[rows])[:, -1:]
-    attention_mask = growing_mask(prompts.attention_mask[rows], search.max_new_tokens)
+    beam_mask = prompts.attention_mask[rows]
+    positions = position_ids_from_mask(beam_mask)[:, -1:]
+    attention_mask = growing_mask(beam_mask, search.max_new_tokens)
     prompt_length = prompts.input_ids.shape[1]
     step = 0
     while True:

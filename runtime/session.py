@@ -59,17 +59,9 @@ class KVCache:
     values: list[Any]
     gather: RowGather | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def length(self) -> int:
-        first = self.keys[0]
-        return first.shape[2] if isinstance(first, np.ndarray) else first.shape()[2]
-
     def select(self, rows: np.ndarray) -> KVCache:
-        """The cache of the given batch rows, in that order (beam reordering, dropping finished rows)."""
+        """A new cache of the given batch rows, in that order (each prompt's cache copied to its beams)."""
         rows = np.asarray(rows, dtype=np.int64)
-        batch = self.keys[0].shape[0] if isinstance(self.keys[0], np.ndarray) else self.keys[0].shape()[0]
-        if rows.shape == (batch,) and np.array_equal(rows, np.arange(batch)):
-            return self
         if self.gather is None or all(isinstance(k, np.ndarray) for k in self.keys + self.values):
             return KVCache(
                 [np.take(k, rows, axis=0) for k in self.keys], [np.take(v, rows, axis=0) for v in self.values]
@@ -79,20 +71,17 @@ class KVCache:
         return KVCache(gathered[:count], gathered[count:], self.gather)
 
     def reorder(self, rows: np.ndarray) -> KVCache:
-        """select(rows) for as many rows as the batch has (beams following their parents), consuming this cache:
-        numpy arrays are overwritten in place, row by row where a beam moved, instead of copied whole."""
+        """The cache of rows [batch] of this same batch (beams following their parents), consuming this one: on the
+        host only the rows of beams that moved are overwritten, in place; nothing happens when no beam moved."""
         rows = np.asarray(rows, dtype=np.int64)
-        tensors = list({id(tensor): tensor for tensor in self.keys + self.values}.values())  # each array once
-        if not all(
-            isinstance(tensor, np.ndarray) and tensor.flags.writeable and tensor.shape[0] == len(rows)
-            for tensor in tensors
-        ):
-            return self.select(rows)
         moved = np.flatnonzero(rows != np.arange(len(rows)))
-        if moved.size:
-            sources = rows[moved]
-            for tensor in tensors:
-                tensor[moved] = tensor[sources]  # the right side is gathered first, so overlapping rows are safe
+        if not moved.size:
+            return self
+        if self.gather is not None:  # OrtValues on the device
+            return self.select(rows)
+        sources = rows[moved]
+        for tensor in self.keys + self.values:
+            tensor[moved] = tensor[sources]  # the right side is gathered first, so overlapping rows are safe
         return self
 
 

@@ -46,6 +46,7 @@ class StopStringFilter:
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(stops)
+        self.longest = max((len(stop) for stop in self.stops), default=0)
         self.held = ""
         self.stopped = False
 
@@ -68,9 +69,7 @@ class StopStringFilter:
 
     def _possible_start(self, text: str) -> int:
         """Length of the longest suffix of text that is a proper prefix of a stop string."""
-        if not self.stops:
-            return 0
-        for length in range(min(len(text), max(len(stop) for stop in self.stops) - 1), 0, -1):
+        for length in range(min(len(text), self.longest - 1), 0, -1):
             suffix = text[-length:]
             if any(stop.startswith(suffix) for stop in self.stops):
                 return length
