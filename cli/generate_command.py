@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -15,8 +17,6 @@ DEFAULT_BUNDLE = "models/gpt2"
 
 
 def _token_list(text: str) -> list[int]:
-    import argparse
-
     try:
         return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
     except ValueError:
@@ -24,8 +24,6 @@ def _token_list(text: str) -> list[int]:
 
 
 def _early_stopping(text: str) -> bool | str:
-    import argparse
-
     values = {"true": True, "false": False, "never": "never"}
     if text.lower() not in values:
         raise argparse.ArgumentTypeError(f"expected true, false or never, got {text!r}")
@@ -129,7 +127,7 @@ def _print_token_table(model: Any, token_ids: list[int]) -> None:
         print(f"|{text}| -> {token}" if text is not None else f"{token}")
 
 
-def _print_top_probs(model: Any, table: list[Any]) -> None:
+def _print_top_probs(table: list[Any]) -> None:
     for rank, row in enumerate(table, 1):
         print(f"{rank:>3}  {row.probability:8.4%}  {row.token_id:>6}  |{row.token}|")
 
@@ -149,22 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         model.options(**options)  # checked with the bundle's defaults before anything is printed
         prompt = None if args.input_ids else (args.prompts[0] if len(args.prompts) == 1 else args.prompts)
         input_ids = None if not args.input_ids else (args.input_ids[0] if len(args.input_ids) == 1 else args.input_ids)
-        encoded = model.encode(prompt, input_ids)
         extras: dict[str, Any] = {}
         if args.show_tokens or args.top_probs:
+            encoded = model.encode(prompt, input_ids)
             for text, row in zip(encoded.prompts, encoded.rows, strict=True):
                 if args.show_tokens and not args.json:
                     _print_token_table(model, row)
                 if args.top_probs:
                     table = model.next_token_probs(input_ids=row, top=args.top_probs)
-                    extras.setdefault("top_probs", []).append([row.__dict__ for row in table])
+                    extras.setdefault("top_probs", []).append([dataclasses.asdict(entry) for entry in table])
                     if not args.json:
                         print(
                             f"next-token probabilities after {text!r}:"
                             if text is not None
                             else "next-token probabilities:"
                         )
-                        _print_top_probs(model, table)
+                        _print_top_probs(table)
         if args.stream:
             pieces = model.stream(prompt, input_ids=input_ids, **options)
             if prompt is not None:

@@ -110,7 +110,8 @@ class GPT2Model:
             rows = [row or [bos] for row in rows]
         return EncodedPrompts(prompts, rows)
 
-    def _check_context(self, rows: list[list[int]], max_new_tokens: int) -> None:
+    def check_context(self, rows: list[list[int]], max_new_tokens: int) -> None:
+        """InvalidInputError if the longest row plus max_new_tokens does not fit the model's context."""
         longest = max(len(row) for row in rows)
         if longest + max_new_tokens > self.context_length:
             over = longest + max_new_tokens - self.context_length
@@ -120,7 +121,7 @@ class GPT2Model:
             )
 
     def _check_request(self, rows: list[list[int]], config: GenerationOptions) -> None:
-        self._check_context(rows, config.max_new_tokens)
+        self.check_context(rows, config.max_new_tokens)
         if config.stop and self._tokenizer is None:
             raise InvalidInputError(f"stop strings need a tokenizer, and bundle {self.manifest.folder} has none")
 
@@ -210,7 +211,7 @@ class GPT2Model:
         encoded = self.encode(prompt, input_ids)
         if len(encoded.rows) != 1:
             raise InvalidInputError("next_token_probs() takes one prompt")
-        self._check_context(encoded.rows, 0)
+        self.check_context(encoded.rows, 0)
         batch = PaddedBatch.from_rows(encoded.rows, 0)
         logits, _ = self.session.forward(
             batch.input_ids,

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from gpt2onnx.runtime.errors import InvalidInputError
 from gpt2onnx.runtime.model import GPT2Model
+from gpt2onnx.runtime.streaming import TextStream
 
 from .engine import Engine, Overloaded, Relay
 from .protocol import (
@@ -46,6 +47,8 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id
 
     model_id: the id the API shows and accepts (default: the bundle's source model, model.name).
     """
+    if model.manifest.tokenizer_path is None:  # every answer is text: refuse now, not on each request
+        raise InvalidInputError(f"bundle {model.manifest.folder} has no tokenizer, and the server answers with text")
     engine = Engine(workers, queue_size)
     created = int(time.time())
     model_id = model_id or model.name
@@ -78,8 +81,8 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id
         prompt_tokens = sum(map(len, rows))
         answer = partial(completion_body, f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_id)
         if parsed.token_by_token:
-            pieces = Relay(engine, partial(model.stream, input_ids=rows[0], **parsed.options))
-            return event_stream(text_events(pieces, answer))
+            stream = model.stream(input_ids=rows[0], **parsed.options)  # generates nothing until iterated
+            return event_stream(text_events(stream, Relay(engine, stream), answer))
         job = engine.submit(partial(generate_choices, model, rows, parsed))
         if parsed.stream:
             return event_stream(choice_events(parsed, job, answer, prompt_tokens))
@@ -129,14 +132,10 @@ def prepare(model: GPT2Model, parsed: CompletionRequest) -> list[list[int]]:
         raise RequestError(str(error), param="prompt") from None
     if len(rows) * parsed.n > MAX_SEQUENCES:
         raise RequestError(f"prompts x n must be <= {MAX_SEQUENCES}, got {len(rows)} x {parsed.n}", param="n")
-    longest = max(map(len, rows))
-    if longest + options.max_new_tokens > model.context_length:
-        raise RequestError(
-            f"the prompt of {longest} tokens plus max_tokens={options.max_new_tokens} exceeds the model's context "
-            f"of {model.context_length} tokens",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
+    try:
+        model.check_context(rows, options.max_new_tokens)
+    except InvalidInputError as error:
+        raise RequestError(str(error), param="max_tokens", code="context_length_exceeded") from None
     return rows
 
 
@@ -183,15 +182,17 @@ async def unless_disconnected(request: Request, job: asyncio.Future[list[Choice]
     return job.result()
 
 
-async def text_events(pieces: Relay[str], answer: partial[dict[str, Any]]) -> AsyncGenerator[dict[str, Any], None]:
-    """Chunks of one choice as model.stream() yields its text; stops the generation if the client leaves."""
+async def text_events(
+    stream: TextStream, pieces: Relay[str], answer: partial[dict[str, Any]]
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Chunks of one choice as the stream yields its text on a worker; stops the generation if the client leaves."""
     try:
         async for piece in pieces:
             yield answer([choice_body(0, piece, None, None)], None)
         if pieces.job.cancelled() or pieces.job.exception() is not None:
             yield failure(pieces.job)
         else:
-            yield answer([choice_body(0, "", getattr(pieces.source, "finish_reason", None), None)], None)
+            yield answer([choice_body(0, "", stream.finish_reason, None)], None)
     finally:
         pieces.close()
 

@@ -105,16 +105,14 @@ class Relay(Generic[T]):
     (and drops it altogether if it has not started).
     """
 
-    def __init__(self, engine: Engine, make: Callable[[], Iterator[T]]) -> None:
+    def __init__(self, engine: Engine, items: Iterator[T]) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._cancel = threading.Event()
-        self.source: Iterator[T] | None = None  # the iterator, once the worker has made it
-        self.job: asyncio.Future[None] = engine.submit(partial(self._run, make))
+        self.job: asyncio.Future[None] = engine.submit(partial(self._run, items))
         self.job.add_done_callback(lambda _: self._queue.put_nowait(_END))
 
-    def _run(self, make: Callable[[], Iterator[T]]) -> None:
-        self.source = items = make()
+    def _run(self, items: Iterator[T]) -> None:
         try:
             for item in items:
                 if self._cancel.is_set():

@@ -104,7 +104,8 @@ class CompletionRequest:
 
 
 def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
-    """Check the JSON body's shape and map OpenAI's fields to generate() options (values are checked later)."""
+    """Check the JSON body's shape and what OpenAI's fields mean here (temperature 0 = greedy, limits on n, stop
+    and logprobs), and map them to generate() options, whose own checks run in prepare()."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     for name in body:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -408,3 +410,18 @@ def test_workers_share_the_cores_unless_threads_are_given(monkeypatch: pytest.Mo
     assert command.main(["--workers", "3"]) == 2
     assert command.main(["--workers", "3", "--threads", "5"]) == 2
     assert asked == [2, 5]
+
+
+def test_a_bundle_without_a_tokenizer_is_refused_at_start(tiny_gpt2: RandomGPT2, tmp_path: Path) -> None:
+    """Every answer is text: the server would fail on each request, so it refuses to start."""
+    from gpt2onnx.serve.app import create_app
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_gpt2.bundle, folder)
+    manifest = json.loads((folder / "bundle.json").read_text())
+    manifest["tokenizer"] = None
+    del manifest["files"]["tokenizer.json"]
+    (folder / "tokenizer.json").unlink()
+    (folder / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(gpt2onnx.InvalidInputError, match="has no tokenizer, and the server answers with text"):
+        create_app(gpt2onnx.load(folder, threads=1))
