@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PROMPT = [8001, 811, 34, 498, 493, 36, 15516, 38, 594]
+from workload import EOS, PROMPT, decode_ms_per_token, long_prompt
+
 BATCH = [PROMPT, [464, 2068, 7586, 21831]]
-EOS = 50256
 
 
 def _median_ms(action: Callable[[], Any], runs: int) -> float:
@@ -94,7 +94,7 @@ def check(dtype: str, shape: str, root: Path, new_tokens: int, runs: int, provid
     matches = [_leading_match(a, b) for a, b in zip([single, *ours], [their_single, *theirs], strict=True)]
     exact = [single, *ours] == [their_single, *theirs]
 
-    long_prompt = [(7 * i + 13) % 50257 for i in range(512)]
+    long = long_prompt(512)
 
     def ours_ms(session: Any) -> tuple[float, float]:
         model.session = session
@@ -102,17 +102,21 @@ def check(dtype: str, shape: str, root: Path, new_tokens: int, runs: int, provid
         many = _median_ms(
             lambda: model.generate(input_ids=PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens), runs
         )
-        first = _median_ms(lambda: model.generate(input_ids=long_prompt, max_new_tokens=1), runs)
-        return (many - one) / (new_tokens - 1), first
+        first = _median_ms(lambda: model.generate(input_ids=long, max_new_tokens=1), runs)
+        return decode_ms_per_token(one / 1000, many / 1000, new_tokens), first
 
-    device_session = DecoderSession(model.manifest, provider=provider, device_cache=True)
+    device_session = (
+        model.session
+        if model.session.device_cache
+        else DecoderSession(model.manifest, provider=provider, device_cache=True)
+    )
     host_session = DecoderSession(model.manifest, provider=provider, device_cache=False)
     ours_decode, ours_first = ours_ms(device_session)
     host_decode, host_first = ours_ms(host_session)
     one = _median_ms(lambda: _torch_greedy(reference, [PROMPT], 1), runs)
     many = _median_ms(lambda: _torch_greedy(reference, [PROMPT], new_tokens, exact_length=True), runs)
-    torch_first = _median_ms(lambda: _torch_greedy(reference, [long_prompt], 1), runs)
-    torch_decode = (many - one) / (new_tokens - 1)
+    torch_first = _median_ms(lambda: _torch_greedy(reference, [long], 1), runs)
+    torch_decode = decode_ms_per_token(one / 1000, many / 1000, new_tokens)
     parity = f"{'exact' if exact else 'DIFFERS'} (leading equal tokens {matches} of {new_tokens})"
     return [
         {

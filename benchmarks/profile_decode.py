@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-PROMPT = [8001, 811, 34, 498, 493, 36, 15516, 38, 594]
+from workload import PROMPT, decode_ms_per_token, long_prompt
 
 
 class TimedSession:
@@ -92,21 +92,20 @@ def cold_load_seconds(bundle: str, provider: str) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def profile(bundle: str, runs: int, new_tokens: int, long_prompt: int, provider: str) -> dict[str, Any]:
+def profile(bundle: str, runs: int, new_tokens: int, long_prompt_tokens: int, provider: str) -> dict[str, Any]:
     import gpt2onnx
 
     model = gpt2onnx.load(bundle, provider=provider)
     model.session.session = TimedSession(model.session.session)
-    long = [(token * 7 + 13) % model.manifest.architecture.vocab_size for token in range(long_prompt)]
+    long = long_prompt(long_prompt_tokens)
     _generate_seconds(model, PROMPT, new_tokens)  # warm-up
     _generate_seconds(model, long, 1)
     decode, overhead, first_long = [], [], []
     for _ in range(runs):
         one_wall, one_ort = _generate_seconds(model, PROMPT, 1)
         many_wall, many_ort = _generate_seconds(model, PROMPT, new_tokens)
-        steps = new_tokens - 1
-        decode.append((many_wall - one_wall) * 1000 / steps)
-        overhead.append(((many_wall - many_ort) - (one_wall - one_ort)) * 1000 / steps)
+        decode.append(decode_ms_per_token(one_wall, many_wall, new_tokens))
+        overhead.append(decode_ms_per_token(one_wall - one_ort, many_wall - many_ort, new_tokens))
         first_long.append(_generate_seconds(model, long, 1)[0] * 1000)
     stubbed = python_ms_per_step(model, new_tokens, runs)
     cold = [cold_load_seconds(bundle, provider) for _ in range(3)]
@@ -120,7 +119,7 @@ def profile(bundle: str, runs: int, new_tokens: int, long_prompt: int, provider:
         "decode_ms_per_token": statistics.median(decode),
         "python_overhead_ms_per_step": statistics.median(overhead),
         "python_ms_per_step_session_stubbed": stubbed,
-        f"first_token_after_{long_prompt}_ms": statistics.median(first_long),
+        f"first_token_after_{long_prompt_tokens}_ms": statistics.median(first_long),
         "cold_load_and_first_token_s": statistics.median(cold),
         "runs": runs,
     }

@@ -19,7 +19,6 @@ class Metric:
     header: str
     digits: int
     value: Callable[[dict[str, Any]], float | None]
-    mode: str | None = None  # the decoding mode it times, if any
 
 
 def _decode(mode: str) -> Callable[[dict[str, Any]], float | None]:
@@ -27,7 +26,7 @@ def _decode(mode: str) -> Callable[[dict[str, Any]], float | None]:
 
 
 METRICS = (
-    *(Metric(f"{mode}_ms_per_token", f"{title} ms/token", 1, _decode(mode), mode) for mode, title in MODES.items()),
+    *(Metric(f"{mode}_ms_per_token", f"{title} ms/token", 1, _decode(mode)) for mode, title in MODES.items()),
     Metric("long_prompt_first_token_ms", "first token after long prompt (ms)", 0, lambda run: run["long_ms"]),
     Metric("load_s", "load (s)", 2, lambda run: run["load_s"]),
     Metric("start_to_first_token_s", "process start to first token (s)", 2, lambda run: run["first_token_s"]),
@@ -73,9 +72,6 @@ def markdown(results: dict[str, Any]) -> str:
             for metric in METRICS:
                 if metric.key in system["summary"]:
                     cells.append(_cell(system["summary"], baseline, metric))
-                elif metric.mode in system["unsupported"]:
-                    notes.append(f"{system['title']} {MODES[metric.mode]}: {system['unsupported'][metric.mode]}")
-                    cells.append(f"not measured (note {len(notes)})")
                 else:
                     cells.append("–")
             cells.append(system["label"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -42,9 +41,9 @@ from systems import (
     Workspace,
     physical_cores,
 )
+from workload import PROMPT, long_prompt
 
 WORKER = BENCHMARKS / "worker.py"
-PROMPT = [8001, 811, 34, 498, 493, 36, 15516, 38, 594]  # 'ArtificCial intElliGence'
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class Settings:
 
     @property
     def long_prompt(self) -> list[int]:
-        return (PROMPT * math.ceil(self.long_prompt_tokens / len(PROMPT)))[: self.long_prompt_tokens]
+        return long_prompt(self.long_prompt_tokens)
 
 
 class RunFailed(Exception):
@@ -160,7 +159,6 @@ def run_worker(ready: Ready, settings: Settings, threads: int, folder: Path, nam
         "long_ms": result["long_prompt_first_token_ms"],
         "peak_rss_mib": result["peak_rss_mib"],
         "decode": result["decode"],
-        "unsupported": result["unsupported"],
         "label": result["label"],
         "others_cpu_share": share,
     }
@@ -210,7 +208,6 @@ def finish_row(row: dict[str, Any], settings: Settings) -> bool:
         status="measured",
         reason=None,
         label=row["runs"][0]["label"],
-        unsupported=row["runs"][0]["unsupported"],
         summary=summarize(quiet or row["runs"]),
         quiet_runs=len(quiet),
         warnings=sorted(counts),

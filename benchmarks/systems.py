@@ -174,11 +174,6 @@ class Workspace:
     def bundle(self, name: str, flags: list[str]) -> Path:
         """A gpt2-onnx bundle exported by this checkout's export-gpt2 with these flags (re-made when it changes)."""
         export = [sys.executable, "-m", "gpt2onnx.cli.export_command"]
-        if flags:
-            usage = subprocess.run([*export, "--help"], capture_output=True, text=True, check=False).stdout
-            missing = [flag for flag in flags if flag.startswith("--") and flag not in usage]
-            if missing:
-                raise Unavailable(f"not available yet: export-gpt2 has no {missing[0]} option")
         checkpoint = self.checkpoint()
         recipe = json.dumps({"flags": flags, "exporter": exporter_fingerprint()})
 
@@ -221,7 +216,6 @@ class Workspace:
         onnxruntime-genai's builder refuses GPT2LMHeadModel and its own "gpt2" type expects an older past layout;
         its "llama" type runs this graph when told the io names (see shared/notes/peer-baselines.md).
         """
-        self.venv(GENAI_VENV)
         export = self.optimum_export()
         source = export / "model.onnx"
         shape = self.shape

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from workload import EOS, decode_ms_per_token
+
 BEAMS = 5
 TOP_K = 50  # transformers' default top_k, used by every system when sampling
-EOS = 50256
 
 
 class Adapter:
@@ -39,10 +40,6 @@ class Adapter:
     def generate(self, ids: list[int], new_tokens: int, mode: str) -> int:
         raise NotImplementedError
 
-    def unsupported(self, ids: list[int]) -> dict[str, str]:
-        """Modes this system cannot run, with the reason (probed after loading)."""
-        return {}
-
     def next_seed(self) -> int:
         self.seed += 1
         return self.seed
@@ -60,27 +57,14 @@ class GPT2Onnx(Adapter):
 
         self.model = gpt2onnx.load(self.model_path, provider="cpu")
 
-    def _run(self, ids: list[int], new_tokens: int, **options: Any) -> list[list[int]]:
-        output = self.model.generate(input_ids=ids, max_new_tokens=new_tokens, **options)
-        return [sequence.generated_token_ids for sequence in output.results[0].sequences]
-
     def generate(self, ids: list[int], new_tokens: int, mode: str) -> int:
         options: dict[str, Any] = {"min_new_tokens": new_tokens}
         if mode == "beam":
             options["num_beams"] = BEAMS
         elif mode == "sample":
             options.update(do_sample=True, top_k=TOP_K, seed=self.next_seed())
-        return len(self._run(ids, new_tokens, **options)[0])
-
-    def unsupported(self, ids: list[int]) -> dict[str, str]:
-        """The runtime accepts every GenerationConfig option; probe whether beams and sampling really happen."""
-        missing = {}
-        if len(self._run(ids, 2, num_beams=2, num_return_sequences=2)) != 2:
-            missing["beam"] = "beam search not implemented in the runtime yet"
-        greedy = self._run(ids, 4)[0]
-        if all(self._run(ids, 4, do_sample=True, seed=seed)[0] == greedy for seed in range(3)):
-            missing["sample"] = "sampling not implemented in the runtime yet"
-        return missing
+        output = self.model.generate(input_ids=ids, max_new_tokens=new_tokens, **options)
+        return len(output.results[0].sequences[0].generated_token_ids)
 
 
 class Transformers(Adapter):
@@ -204,8 +188,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     prompt, long_prompt, new_tokens = spec["prompt"], spec["long_prompt"], spec["new_tokens"]
     adapter.generate(prompt, 1, "greedy")
     first_token_at = time.monotonic()
-    unsupported = {mode: reason for mode, reason in adapter.unsupported(prompt).items() if mode in spec["modes"]}
-    modes = [mode for mode in spec["modes"] if mode not in unsupported]
+    modes = spec["modes"]
     for mode in modes:
         adapter.generate(prompt, spec["warmup_tokens"], mode)
     adapter.generate(long_prompt, 1, "greedy")
@@ -217,7 +200,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "one_token_s": one_s,
             "all_tokens_s": all_s,
             "tokens": count,
-            "ms_per_token": (all_s - one_s) * 1000 / (new_tokens - 1),
+            "ms_per_token": decode_ms_per_token(one_s, all_s, new_tokens),
         }
     long_s, _ = timed(lambda: adapter.generate(long_prompt, 1, "greedy"))
     return {
@@ -225,7 +208,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "ready_at": ready_at,
         "first_token_at": first_token_at,
         "decode": decode,
-        "unsupported": unsupported,
         "long_prompt_first_token_ms": long_s * 1000,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

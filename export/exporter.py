@@ -249,6 +249,7 @@ def export_bundle(
                 if found is not None:
                     found.rename(staging / bundle.TOKENIZER_FILE)
                     tokenizer_name = bundle.TOKENIZER_FILE
+        inputs, outputs = bundle.io_names(spec.n_layer)
         data: dict[str, Any] = {
             "format": bundle.FORMAT_NAME,
             "schema_version": bundle.SCHEMA_VERSION,
@@ -271,8 +272,8 @@ def export_bundle(
                 "external_data": external,
                 "dtype": graph_dtype,
                 "opset": OPSET,
-                "inputs": bundle.io_names(spec.n_layer)[0],
-                "outputs": bundle.io_names(spec.n_layer)[1],
+                "inputs": inputs,
+                "outputs": outputs,
                 "logits": "last `logits_to_keep` positions (0 = all), float32",
                 "tied_embeddings": spec.tied_embeddings,
                 "optimizations": optimizations,

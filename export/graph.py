@@ -112,9 +112,6 @@ class _Builder:
         finally:
             self.nodes, self.int8_columns = outer, columns
 
-    def linear(self, x: str, weight: str, bias: str) -> str:
-        return self.op("Add", self.op("MatMul", x, weight), bias)
-
     def quantized(self, name: str, matrix: np.ndarray) -> tuple[str, str]:
         """Blocks and scales of matrix [out, in] for MatMulNBits: uint8 [out, blocks, QUANT_BLOCK], float [out, blocks].
 
@@ -232,7 +229,7 @@ def _plain_blocks(
     for layer in range(spec.n_layer):
         p = f"transformer.h.{layer}."
         normed = _layer_norm(b, hidden, w(p + "ln_1.weight"), w(p + "ln_1.bias"), eps)
-        qkv = b.linear(normed, w(p + "attn.c_attn.weight"), w(p + "attn.c_attn.bias"))
+        qkv = b.project(normed, p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"], w(p + "attn.c_attn.bias"))
         q, k, v = (b.fresh(n) for n in "qkv")
         b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
         q, k, v = (b.op("Transpose", b.op("Reshape", t, heads_shape), perm=[0, 2, 1, 3]) for t in (q, k, v))
@@ -243,10 +240,15 @@ def _plain_blocks(
         )
         probs = b.op("Softmax", b.op("Where", allowed, scores, masked_value), axis=-1)
         context = b.op("Reshape", b.op("Transpose", b.op("MatMul", probs, value), perm=[0, 2, 1, 3]), merged_shape)
-        hidden = b.op("Add", hidden, b.linear(context, w(p + "attn.c_proj.weight"), w(p + "attn.c_proj.bias")))
+        attention = b.project(
+            context, p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"], w(p + "attn.c_proj.bias")
+        )
+        hidden = b.op("Add", hidden, attention)
         normed = _layer_norm(b, hidden, w(p + "ln_2.weight"), w(p + "ln_2.bias"), eps)
-        inner = _activation(b, b.linear(normed, w(p + "mlp.c_fc.weight"), w(p + "mlp.c_fc.bias")), spec.activation)
-        hidden = b.op("Add", hidden, b.linear(inner, w(p + "mlp.c_proj.weight"), w(p + "mlp.c_proj.bias")))
+        fc = b.project(normed, p + "mlp.c_fc.weight", weights[p + "mlp.c_fc.weight"], w(p + "mlp.c_fc.bias"))
+        inner = _activation(b, fc, spec.activation)
+        mlp = b.project(inner, p + "mlp.c_proj.weight", weights[p + "mlp.c_proj.weight"], w(p + "mlp.c_proj.bias"))
+        hidden = b.op("Add", hidden, mlp)
     return _layer_norm(b, hidden, w("transformer.ln_f.weight"), w("transformer.ln_f.bias"), eps)
 
 
@@ -392,17 +394,10 @@ def build_graph(
     fused: build the blocks from onnxruntime contrib ops (faster; needs onnxruntime) instead of standard ONNX ops.
     int8: int8 weights (MatMulNBits) for every projection and the embedding; needs fused and float32.
     fast_prefill: with int8, the blocks a second time over DynamicQuantizeMatMul for steps of several tokens.
+    The exporter checks these combinations (exporter.check_graph_options) and the activation (checkpoint loading).
     """
     from onnx import TensorProto, helper
 
-    if dtype not in NUMPY_DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r}; choose float32 or float16")
-    if spec.activation not in ACTIVATIONS:
-        raise ExportError(f"unsupported activation function {spec.activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    if int8 and (not fused or dtype != "float32"):
-        raise ExportError("int8 weights need the fused graph and float32 activations")
-    if fast_prefill and not int8:
-        raise ExportError("fast prefill is a second set of int8 blocks; it needs int8 weights")
     b = _Builder(dtype, int8=int8)
     H, D = spec.n_head, spec.head_dim
 
