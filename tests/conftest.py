@@ -6,6 +6,8 @@ it is reachable, else the test is skipped saying why; under CI (CI=true) a missi
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -16,6 +18,32 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+FORBIDDEN = ("torch", "transformers", "optimum", "accelerate")
+
+# Run a module or script with an import hook that makes every forbidden package unimportable, then list what got loaded.
+BLOCKER = f"""
+import importlib.abc, json, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {FORBIDDEN!r}:
+            raise ImportError("blocked for this test: " + name)
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+try:
+    if sys.argv[0].endswith(".py"):
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:
+        runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+else:
+    code = 0
+loaded = sorted({{name.split(".")[0] for name in sys.modules}} & set({FORBIDDEN!r}))
+print(json.dumps({{"loaded": loaded}}), file=sys.stderr)
+sys.exit(code)
+"""
 
 
 def shared_file(relative: str) -> Path:
@@ -68,21 +96,25 @@ SHAPES = {
 }
 
 
-def build_random_gpt2(root: Path, shape: str, seed: int, tokenizer_dir: Path | None = None, **config) -> RandomGPT2:
-    """Save a seeded random GPT2LMHeadModel of a named shape and export it with export_bundle."""
+def random_gpt2(seed: int, **config):
+    """A seeded random GPT2LMHeadModel (eval mode) of this GPT2Config; BOS and EOS default to GPT-2's 50256, or to
+    the last token of a smaller vocabulary."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    last_token = config.get("vocab_size", 50257) - 1
+    config.setdefault("bos_token_id", min(50256, last_token))
+    config.setdefault("eos_token_id", min(50256, last_token))
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**config)).eval()
+
+
+def build_random_gpt2(root: Path, shape: str, seed: int, tokenizer_dir: Path | None = None, **config) -> RandomGPT2:
+    """Save a seeded random GPT2LMHeadModel of a named shape and export it with export_bundle."""
     from gpt2onnx.export.exporter import export_bundle
 
     checkpoint = root / f"{shape}-{seed}-checkpoint"
-    settings = {"initializer_range": 0.2, **SHAPES[shape], **config}
-    last_token = settings["vocab_size"] - 1
-    settings.setdefault("bos_token_id", min(50256, last_token))
-    settings.setdefault("eos_token_id", min(50256, last_token))
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(**settings)).eval()
-    model.save_pretrained(checkpoint)
+    random_gpt2(seed, **{"initializer_range": 0.2, **SHAPES[shape], **config}).save_pretrained(checkpoint)
     if tokenizer_dir is not None:
         shutil.copyfile(tokenizer_dir / "tokenizer.json", checkpoint / "tokenizer.json")
     bundle = export_bundle(str(checkpoint), root / f"{shape}-{seed}-bundle", seed=seed)
@@ -106,3 +138,24 @@ def small_gpt2(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
     return build_random_gpt2(
         tmp_path_factory.mktemp("small"), "gpt2-small", seed=3, tokenizer_dir=tokenizer_dir, initializer_range=0.05
     )
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):
+    """The real GPT-2 tokenizer, as the runtime loads it."""
+    from gpt2onnx.runtime.tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_dir / "tokenizer.json")
+
+
+def run_generate(argv: list[str]) -> tuple[int, str, str]:
+    """gpt2-generate's main(argv) in this process: exit code, stdout, stderr (argparse's own exits included)."""
+    from gpt2onnx.cli import generate_command
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = generate_command.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, stdout.getvalue(), stderr.getvalue()

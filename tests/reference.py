@@ -43,6 +43,15 @@ def reference_generate(
     return [trim_after_eos(row, eos) for row in new]
 
 
+def reference_padded_logits(model, rows: Sequence[Sequence[int]], pad: int) -> np.ndarray:
+    """transformers' logits for left-padded rows [batch, length, vocab], positions counted over real tokens."""
+    import torch
+
+    ids, mask = left_padded(rows, pad)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.numpy()
+
+
 def reference_logits(model, input_ids: np.ndarray) -> np.ndarray:
     """transformers' logits for every position of unpadded input_ids [batch, length]."""
     import torch

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
 from typing import Any
 
 import pytest
@@ -11,27 +10,57 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpt2onnx
-from conftest import RandomGPT2
-from gpt2onnx.cli import generate_command
+from conftest import RandomGPT2, run_generate
 
-# (API keyword arguments, CLI arguments or None where the CLI cannot express it, message fragment)
-BAD_INPUTS: list[tuple[dict[str, Any], list[str] | None, str]] = [
+# (API keyword arguments, CLI arguments or None where the CLI cannot express it, the message, and the CLI's
+# message where its own argument parsing words it differently)
+BAD_INPUTS: list[tuple[dict[str, Any], list[str] | None, str] | tuple[dict[str, Any], list[str], str, str]] = [
     (
         {"input_ids": [11] * 1000, "max_new_tokens": 30},
         ["--input-ids", ",".join(["11"] * 1000), "--max-new-tokens", "30"],
         "exceeds the model's context of 1024 tokens by 6",
     ),
-    ({"max_new_tokens": 0}, ["--max-new-tokens", "0"], "max"),
-    ({"max_new_tokens": -3}, ["--max-new-tokens", "-3"], "max"),
-    ({"max_new_tokens": 2.5}, ["--max-new-tokens", "2.5"], "max"),
-    ({"min_new_tokens": -1}, ["--min-new-tokens", "-1"], "min"),
+    (
+        {"max_new_tokens": 0},
+        ["--max-new-tokens", "0"],
+        "max_new_tokens must be >= 1, got 0",
+        "argument --max-new-tokens: expected an integer >= 1, got 0",
+    ),
+    (
+        {"max_new_tokens": -3},
+        ["--max-new-tokens", "-3"],
+        "max_new_tokens must be >= 1, got -3",
+        "argument --max-new-tokens: expected an integer >= 1, got -3",
+    ),
+    (
+        {"max_new_tokens": 2.5},
+        ["--max-new-tokens", "2.5"],
+        "max_new_tokens must be an integer, got 2.5",
+        "argument --max-new-tokens: expected an integer, got '2.5'",
+    ),
+    (
+        {"min_new_tokens": -1},
+        ["--min-new-tokens", "-1"],
+        "min_new_tokens must be >= 0, got -1",
+        "argument --min-new-tokens: expected an integer >= 0, got -1",
+    ),
     ({"min_new_tokens": 30, "max_new_tokens": 20}, ["--min-new-tokens", "30"], "must not exceed max_new_tokens"),
     ({"do_sample": True, "temperature": 0.0}, ["--do-sample", "--temperature", "0"], "temperature must be > 0"),
     ({"do_sample": True, "temperature": -1.0}, ["--do-sample", "--temperature", "-1"], "temperature must be > 0"),
     ({"top_p": 0.0}, ["--top-p", "0"], "top_p must be > 0"),
     ({"top_p": 1.5}, ["--top-p", "1.5"], "top_p must be <= 1"),
-    ({"top_k": -1}, ["--top-k", "-1"], "top"),
-    ({"num_beams": 0}, ["--num-beams", "0"], "beams"),
+    (
+        {"top_k": -1},
+        ["--top-k", "-1"],
+        "top_k must be >= 0, got -1",
+        "argument --top-k: expected an integer >= 0, got -1",
+    ),
+    (
+        {"num_beams": 0},
+        ["--num-beams", "0"],
+        "num_beams must be >= 1, got 0",
+        "argument --num-beams: expected an integer >= 1, got 0",
+    ),
     (
         {"num_beams": 2, "num_return_sequences": 3},
         ["--num-beams", "2", "--num-return-sequences", "3"],
@@ -48,7 +77,12 @@ BAD_INPUTS: list[tuple[dict[str, Any], list[str] | None, str]] = [
     ({"input_ids": [1.5]}, None, "input_ids must hold integers"),
     ({"prompt": "a", "input_ids": [1]}, None, "give either a prompt"),
     ({"repetition_penalty": 0.0}, ["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
-    ({"early_stopping": "sometimes"}, ["--early-stopping", "sometimes"], "early"),
+    (
+        {"early_stopping": "sometimes"},
+        ["--early-stopping", "sometimes"],
+        "early_stopping must be True, False or 'never', got 'sometimes'",
+        "argument --early-stopping: expected true, false or never, got 'sometimes'",
+    ),
     ({"no_such_option": 1}, None, "unknown generation option(s): no_such_option"),
     ({"stop": [""]}, ["--stop", ""], "stop strings must be non-empty"),
     ({"eos_token_id": 10**6}, None, "token id 1000000 is outside the vocabulary"),
@@ -61,23 +95,14 @@ def call_api(model, kwargs: dict[str, Any]):
     return model.generate(prompt, **kwargs)
 
 
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            code = generate_command.main(args)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
 @pytest.fixture(scope="module")
 def model(tiny_gpt2: RandomGPT2):
     return gpt2onnx.load(tiny_gpt2.bundle)
 
 
-@pytest.mark.parametrize(("kwargs", "cli", "fragment"), BAD_INPUTS, ids=[str(case[0])[:60] for case in BAD_INPUTS])
-def test_bad_input(model, tiny_gpt2: RandomGPT2, kwargs: dict, cli: list[str] | None, fragment: str) -> None:
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[str(case[0])[:60] for case in BAD_INPUTS])
+def test_bad_input(model, tiny_gpt2: RandomGPT2, case: tuple) -> None:
+    kwargs, cli, fragment = case[:3]
     with pytest.raises(gpt2onnx.InvalidInputError) as caught:
         call_api(model, kwargs)
     assert isinstance(caught.value, ValueError)
@@ -89,9 +114,10 @@ def test_bad_input(model, tiny_gpt2: RandomGPT2, kwargs: dict, cli: list[str] | 
             and "nul" not in cli[0]
         ):
             cli = ["Artificial intelligence", *cli]
-        code, _, stderr = run_cli([*cli, "--model", str(tiny_gpt2.bundle)])
+        code, _, stderr = run_generate([*cli, "--model", str(tiny_gpt2.bundle)])
         assert code == 2, stderr
-        assert stderr.count("\n") == 1 and stderr.startswith("gpt2-generate: error:")
+        assert stderr.count("\n") == 1 and stderr.startswith("gpt2-generate: error: ")
+        assert case[-1] in stderr
 
 
 def test_empty_prompt_starts_from_bos(model) -> None:
@@ -108,27 +134,7 @@ OPTION_VALUES = st.one_of(
     st.text(max_size=5),
     st.sampled_from(["never", True, False, [1, 2], [[3]], 0.5, 1, 2]),
 )
-OPTION_NAMES = [
-    "max_new_tokens",
-    "min_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "num_beams",
-    "length_penalty",
-    "early_stopping",
-    "num_return_sequences",
-    "seed",
-    "stop",
-    "eos_token_id",
-    "pad_token_id",
-    "bad_words_ids",
-]
+OPTION_NAMES = [option.name for option in dataclasses.fields(gpt2onnx.GenerationOptions)]  # every option
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -177,7 +183,7 @@ CLI_WORDS = [
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(words=st.lists(st.sampled_from(CLI_WORDS), max_size=7))
 def test_random_command_lines_give_results_or_exit_2(tiny_gpt2: RandomGPT2, words: list[str]) -> None:
-    code, _, stderr = run_cli([*words, "--max-new-tokens", "2", "--model", str(tiny_gpt2.bundle)])
+    code, _, stderr = run_generate([*words, "--max-new-tokens", "2", "--model", str(tiny_gpt2.bundle)])
     assert code in (0, 2), stderr
     if code == 2:
         assert stderr.count("\n") == 1 and "Traceback" not in stderr

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_runtime_without_torch import BLOCKER
 
-from conftest import RandomGPT2
+from conftest import BLOCKER, RandomGPT2
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

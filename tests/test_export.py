@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpt2onnx
-from conftest import shared_file
+from conftest import random_gpt2, shared_file
 from gpt2onnx.export.exporter import export_bundle
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError, InvalidInputError
@@ -120,28 +120,15 @@ def test_non_gpt2_checkpoint_is_refused(tmp_path: Path) -> None:
 
 def test_untied_lm_head_is_exported(tmp_path: Path) -> None:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=1,
-        n_head=2,
-        n_embd=16,
-        vocab_size=300,
-        n_positions=64,
-        tie_word_embeddings=False,
-        bos_token_id=299,
-        eos_token_id=299,
-    )
-    model = GPT2LMHeadModel(config).eval()
+    model = random_gpt2(0, n_layer=1, n_head=2, n_embd=16, vocab_size=300, n_positions=64, tie_word_embeddings=False)
     with torch.no_grad():
         model.lm_head.weight.normal_()
     model.save_pretrained(tmp_path / "untied")
     folder = export_bundle(str(tmp_path / "untied"), tmp_path / "bundle")
     ids = np.array([[5, 6, 7]])
-    logits, _ = gpt2onnx.load(folder).session.forward(
-        ids, np.ones_like(ids), np.arange(3)[None], gpt2onnx.load(folder).session.empty_cache(1), 0
-    )
+    session = gpt2onnx.load(folder).session
+    logits, _ = session.forward(ids, np.ones_like(ids), np.arange(3)[None], session.empty_cache(1), 0)
     with torch.no_grad():
         expected = model(torch.from_numpy(ids)).logits.numpy()
     assert np.max(np.abs(logits - expected)) < 1e-4

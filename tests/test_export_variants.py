@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import gpt2onnx
+from conftest import random_gpt2
 from gpt2onnx.cli.export_command import main as export_main
 from gpt2onnx.export.checkpoint import random_checkpoint
 from gpt2onnx.export.exporter import export_bundle
@@ -18,6 +19,7 @@ from gpt2onnx.runtime.bundle import read_manifest
 from gpt2onnx.runtime.errors import InvalidInputError
 from gpt2onnx.runtime.generation import PaddedBatch, position_ids_from_mask
 from gpt2onnx.runtime.session import DecoderSession, KVCache
+from reference import reference_generate, reference_padded_logits
 
 SEED = 0
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -49,41 +51,11 @@ def _manifest_data(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "bundle.json").read_text())
 
 
-def _torch_logits(model: Any, batch: PaddedBatch) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(
-            input_ids=torch.from_numpy(batch.input_ids),
-            attention_mask=torch.from_numpy(batch.attention_mask),
-            position_ids=torch.from_numpy(position_ids_from_mask(batch.attention_mask)),
-        ).logits.numpy()
-
-
 def _bundle_logits(session: DecoderSession, batch: PaddedBatch) -> np.ndarray:
     positions = position_ids_from_mask(batch.attention_mask)
     empty = session.empty_cache(len(batch.input_ids))
     logits, _ = session.forward(batch.input_ids, batch.attention_mask, positions, empty, logits_to_keep=0)
     return logits
-
-
-def _transformers_greedy(model: Any, rows: list[list[int]], new_tokens: int) -> list[list[int]]:
-    import torch
-
-    batch = PaddedBatch.from_rows(rows, pad_token_id=50256)
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=torch.from_numpy(batch.input_ids),
-            attention_mask=torch.from_numpy(batch.attention_mask),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=50256,
-        )
-    return output[:, batch.input_ids.shape[1] :].tolist()
-
-
-def _truncate_at_eos(tokens: list[int]) -> list[int]:
-    return tokens[: tokens.index(50256) + 1] if 50256 in tokens else tokens
 
 
 def test_manifest_records_graph_choices(bundles: dict[str, Path]) -> None:
@@ -125,7 +97,7 @@ def test_validation_records_variant_tolerance_and_agreement(bundles: dict[str, P
 def test_fused_fp32_logits_match_pytorch(bundles: dict[str, Path], torch_model: Any) -> None:
     batch = PaddedBatch.from_rows(ROWS, pad_token_id=0)
     session = DecoderSession(read_manifest(bundles["fused"]), provider="cpu")
-    logits, reference = _bundle_logits(session, batch), _torch_logits(torch_model, batch)
+    logits, reference = _bundle_logits(session, batch), reference_padded_logits(torch_model, ROWS, 0)
     real = batch.attention_mask.astype(bool)
     assert np.max(np.abs(logits[real] - reference[real])) <= 1e-4 * max(1.0, np.max(np.abs(reference[real])))
 
@@ -133,27 +105,15 @@ def test_fused_fp32_logits_match_pytorch(bundles: dict[str, Path], torch_model: 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "quick_gelu"])
 def test_other_activations_in_fused_and_int8_graphs(tmp_path: Path, activation: str) -> None:
     """Activations other than GPT-2's tanh GELU: the fused graph matches PyTorch; the int8 one passes validation."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(SEED)
-    config = GPT2Config(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        vocab_size=300,
-        n_positions=64,
-        activation_function=activation,
-        bos_token_id=299,
-        eos_token_id=299,
+    model = random_gpt2(
+        SEED, n_layer=2, n_head=2, n_embd=32, vocab_size=300, n_positions=64, activation_function=activation
     )
-    model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(tmp_path / "checkpoint")
     fused = export_bundle(str(tmp_path / "checkpoint"), tmp_path / "fused")
     int8 = export_bundle(str(tmp_path / "checkpoint"), tmp_path / "int8", quantize="int8")
     batch = PaddedBatch.from_rows([[5, 17, 299, 3], [42, 7]], pad_token_id=0)
     logits = _bundle_logits(DecoderSession(read_manifest(fused), provider="cpu"), batch)
-    reference = _torch_logits(model, batch)
+    reference = reference_padded_logits(model, [[5, 17, 299, 3], [42, 7]], 0)
     real = batch.attention_mask.astype(bool)
     assert np.max(np.abs(logits[real] - reference[real])) <= 1e-4 * max(1.0, np.max(np.abs(reference[real])))
     assert _manifest_data(int8)["validation"]["passed"] is True
@@ -177,10 +137,10 @@ def test_fused_attention_masks_match_plain_graph_with_past(bundles: dict[str, Pa
 @pytest.mark.parametrize("variant", ["fused", "plain"])
 def test_fp32_greedy_equals_transformers(bundles: dict[str, Path], torch_model: Any, variant: str) -> None:
     model = gpt2onnx.load(bundles[variant], provider="cpu")
-    expected = _transformers_greedy(torch_model, ROWS, 12)
+    expected = reference_generate(torch_model, ROWS, 50256, [50256], max_new_tokens=12, do_sample=False)
     output = model.generate(input_ids=ROWS, max_new_tokens=12)
     got = [result.sequences[0].generated_token_ids for result in output.results]
-    assert got == [_truncate_at_eos(row) for row in expected]
+    assert got == expected
 
 
 @pytest.mark.parametrize("variant", ["int8", "int8-fast-prefill", "fp16"])
@@ -189,7 +149,7 @@ def test_reduced_precision_bundles_load_and_generate(bundles: dict[str, Path], t
     output = model.generate(input_ids=ROWS, max_new_tokens=5)
     assert [len(result.sequences[0].generated_token_ids) for result in output.results] == [5, 5]
     batch = PaddedBatch.from_rows(ROWS, pad_token_id=0)
-    logits, reference = _bundle_logits(model.session, batch), _torch_logits(torch_model, batch)
+    logits, reference = _bundle_logits(model.session, batch), reference_padded_logits(torch_model, ROWS, 0)
     real = batch.attention_mask.astype(bool)
     tolerance = _manifest_data(bundles[variant])["validation"]["tolerance"]
     assert np.max(np.abs(logits[real] - reference[real])) <= tolerance * max(1.0, np.max(np.abs(reference[real])))

@@ -7,8 +7,8 @@ import json
 import pytest
 
 import gpt2onnx
-from conftest import RandomGPT2
-from gpt2onnx.cli.generate_command import build_parser, generation_options, main
+from conftest import RandomGPT2, run_generate
+from gpt2onnx.cli.generate_command import build_parser, generation_options
 
 PROMPTS = ["Café 🎉 and", "Hello"]
 CASES = [
@@ -34,25 +34,14 @@ CASES = [
 ]
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize(("arguments", "options"), CASES)
-def test_each_option_reaches_generate(
-    tiny_gpt2: RandomGPT2, capsys: pytest.CaptureFixture, arguments: list, options: dict
-) -> None:
+def test_each_option_reaches_generate(tiny_gpt2: RandomGPT2, arguments: list, options: dict) -> None:
     base = ["--model", str(tiny_gpt2.bundle), "--max-new-tokens", "6", "--provider", "cpu", "--threads", "1"]
     assert generation_options(build_parser().parse_args([*PROMPTS, *base, *arguments])) == {
         "max_new_tokens": 6,
         **options,
     }
-    code, out, err = run([*PROMPTS, *base, "--no-verify", "--json", *arguments], capsys)
+    code, out, err = run_generate([*PROMPTS, *base, "--no-verify", "--json", *arguments])
     assert code == 0, err
     document = json.loads(out)
     expected = gpt2onnx.load(tiny_gpt2.bundle, provider="cpu").generate(PROMPTS, max_new_tokens=6, **options)
@@ -68,12 +57,12 @@ def test_each_option_reaches_generate(
     )
 
 
-def test_stream_with_sampling_and_a_stop_string(tiny_gpt2: RandomGPT2, capsys: pytest.CaptureFixture) -> None:
+def test_stream_with_sampling_and_a_stop_string(tiny_gpt2: RandomGPT2) -> None:
     model = gpt2onnx.load(tiny_gpt2.bundle, provider="cpu")
     free = model.generate(PROMPTS[0], max_new_tokens=30, do_sample=True, seed=2).text
     stop = free[len(free) // 2 : len(free) // 2 + 2]
     arguments = [PROMPTS[0], "--model", str(tiny_gpt2.bundle), "--max-new-tokens", "30", "--do-sample"]
-    code, out, err = run([*arguments, "--seed", "2", "--stop", stop, "--stream"], capsys)
+    code, out, err = run_generate([*arguments, "--seed", "2", "--stop", stop, "--stream"])
     assert code == 0, err
     assert out == PROMPTS[0] + free[: free.find(stop)] + "\n"
 
@@ -97,9 +86,7 @@ def test_stream_with_sampling_and_a_stop_string(tiny_gpt2: RandomGPT2, capsys: p
         (["x", "--threads", "0"], "--threads"),
     ],
 )
-def test_bad_combinations_exit_2_with_one_line(
-    tiny_gpt2: RandomGPT2, capsys: pytest.CaptureFixture, arguments: list, fragment: str
-) -> None:
-    code, out, err = run([*arguments, "--model", str(tiny_gpt2.bundle)], capsys)
+def test_bad_combinations_exit_2_with_one_line(tiny_gpt2: RandomGPT2, arguments: list, fragment: str) -> None:
+    code, out, err = run_generate([*arguments, "--model", str(tiny_gpt2.bundle)])
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("gpt2-generate: error: ") and fragment in err

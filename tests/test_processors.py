@@ -378,6 +378,16 @@ def generation_arguments(draw: st.DrawFn) -> dict:
     }
 
 
+# The parameters that decide how many tokens a filter keeps (TopK folds min_tokens_to_keep into top_k, as
+# transformers' TopKLogitsWarper does).
+KEEP_PARAMETERS = {
+    "TopK": ("top_k",),
+    "TopP": ("min_tokens_to_keep",),
+    "MinP": ("min_tokens_to_keep",),
+    "TypicalP": ("min_tokens_to_keep",),
+}
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     arguments=generation_arguments(),
@@ -409,9 +419,8 @@ def test_chain_equals_transformers_generate(
             assert p.min_length == prompt.shape[1] + options.min_new_tokens
     assert [TRANSFORMERS_NAMES[type(p)] for p in ours] == [type(p).__name__ for p in kept]
     for mine, reference in zip(ours, kept, strict=True):
-        for name in ("min_tokens_to_keep", "top_k"):
-            if hasattr(mine, name):
-                assert getattr(mine, name) == getattr(reference, name), name
+        for name in KEEP_PARAMETERS.get(type(mine).__name__, ()):
+            assert getattr(mine, name) == getattr(reference, name), name
 
     # same scores on a decode step: the expanded prompt, then some generated tokens from a small range
     rows = np.repeat(prompt, expand, axis=0)

@@ -8,32 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, RandomGPT2
-
-FORBIDDEN = ("torch", "transformers", "optimum", "accelerate")
-
-# Run a module or script with an import hook that makes every forbidden package unimportable, then list what got loaded.
-BLOCKER = f"""
-import importlib.abc, json, runpy, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {FORBIDDEN!r}:
-            raise ImportError("blocked for this test: " + name)
-sys.meta_path.insert(0, Block())
-sys.argv = sys.argv[1:]
-try:
-    if sys.argv[0].endswith(".py"):
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    else:
-        runpy.run_module(sys.argv[0], run_name="__main__")
-except SystemExit as exit:
-    code = exit.code
-else:
-    code = 0
-loaded = sorted({{name.split(".")[0] for name in sys.modules}} & set({FORBIDDEN!r}))
-print(json.dumps({{"loaded": loaded}}), file=sys.stderr)
-sys.exit(code)
-"""
+from conftest import BLOCKER, FORBIDDEN, REPO, RandomGPT2
 
 
 def run_blocked(*args: str) -> subprocess.CompletedProcess:

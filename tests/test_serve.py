@@ -22,10 +22,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from test_runtime_without_torch import BLOCKER
 
 import gpt2onnx
-from conftest import RandomGPT2
+from conftest import BLOCKER, RandomGPT2
 from gpt2onnx.runtime.model import GPT2Model
 
 WORKERS, QUEUE_SIZE = 1, 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +22,6 @@ SAMPLING = [{}, {"do_sample": True, "seed": 3}, {"do_sample": True, "seed": 4, "
 @pytest.fixture(scope="module")
 def model(tiny_gpt2: RandomGPT2) -> GPT2Model:
     return gpt2onnx.load(tiny_gpt2.bundle, provider="cpu")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer(tokenizer_dir / "tokenizer.json")
 
 
 def test_stream_joins_to_the_generated_text(model: GPT2Model) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,11 +16,6 @@ UNICODE_SAMPLES = [
     "tabs\tand\nnew lines\r\n  spaces   ",
     "<|endoftext|> is a special token",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer(tokenizer_dir / "tokenizer.json")
 
 
 def test_course_encodings(tokenizer: Tokenizer) -> None:
