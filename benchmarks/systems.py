@@ -304,6 +304,11 @@ def in_this_env(*modules: str) -> str:
     return sys.executable
 
 
+def _gpt2onnx(ws: Workspace, name: str, flags: list[str]) -> Ready:
+    """A gpt2-onnx row: this environment, over a bundle exported with these export-gpt2 flags."""
+    return Ready(in_this_env("gpt2onnx", "onnxruntime"), "gpt2onnx", str(ws.bundle(name, flags)))
+
+
 @dataclass(frozen=True)
 class System:
     """One row of the table: its --systems key, its row title, and how to make it ready."""
@@ -319,26 +324,22 @@ SYSTEMS = (
         "transformers + PyTorch",
         lambda ws: Ready(in_this_env("torch", "transformers"), "transformers", str(ws.checkpoint())),
     ),
-    System(
-        "gpt2onnx-fp32",
-        "gpt2-onnx fp32",
-        lambda ws: Ready(in_this_env("gpt2onnx", "onnxruntime"), "gpt2onnx", str(ws.bundle("fp32", []))),
-    ),
-    System(
-        "gpt2onnx-int8",
-        "gpt2-onnx int8",
-        lambda ws: Ready(
-            in_this_env("gpt2onnx", "onnxruntime"), "gpt2onnx", str(ws.bundle("int8", ["--quantize", "int8"]))
-        ),
-    ),
+    System("gpt2onnx-fp32", "gpt2-onnx fp32", lambda ws: _gpt2onnx(ws, "fp32", [])),
+    System("gpt2onnx-int8", "gpt2-onnx int8", lambda ws: _gpt2onnx(ws, "int8", ["--quantize", "int8"])),
     System(
         "gpt2onnx-int8-fast-prefill",
         "gpt2-onnx int8 + fast prefill",
-        lambda ws: Ready(
-            in_this_env("gpt2onnx", "onnxruntime"),
-            "gpt2onnx",
-            str(ws.bundle("int8-fast-prefill", ["--quantize", "int8", "--fast-prefill"])),
-        ),
+        lambda ws: _gpt2onnx(ws, "int8-fast-prefill", ["--quantize", "int8", "--fast-prefill"]),
+    ),
+    System(
+        "gpt2onnx-int8-block256",
+        "gpt2-onnx int8, blocks of 256",
+        lambda ws: _gpt2onnx(ws, "int8-block256", ["--quantize", "int8", "--block-size", "256"]),
+    ),
+    System(
+        "gpt2onnx-int8-growing",
+        "gpt2-onnx int8, growing cache",
+        lambda ws: _gpt2onnx(ws, "int8-growing", ["--quantize", "int8", "--kv-cache", "growing"]),
     ),
     System(
         "optimum",

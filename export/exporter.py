@@ -17,7 +17,7 @@ from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError, InvalidInputError
 
 from .checkpoint import Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
-from .graph import CONTRIB, OPSET, QUANT_BLOCK, build_graph
+from .graph import CONTRIB, OPSET, QUANT_BLOCK, QUANT_BLOCKS, build_graph
 from .validate import validate_bundle
 
 # Weights above 32 MiB go to model.onnx.data: onnxruntime reads that file directly instead of parsing the weights out
@@ -104,12 +104,13 @@ def _nodes(graph: Any) -> Iterator[Any]:
                 yield from _nodes(attribute.g)
 
 
-def _quantization_record(model_proto: Any) -> dict[str, Any]:
+def _quantization_record(model_proto: Any, block_size: int) -> dict[str, Any]:
     """What bundle.json says about int8 weights."""
     ops = [node.op_type for node in _nodes(model_proto.graph)]
     record = {
         "weights": "int8",
-        "scheme": f"symmetric blocks of {QUANT_BLOCK} inputs per output, one float32 scale each (zero point 128)",
+        "scheme": f"symmetric blocks of {block_size} inputs per output, one float32 scale each (zero point 128)",
+        "block_size": block_size,
         "activations": "int8, quantised per block at run time (MatMulNBits accuracy_level 4)",
         "op": "com.microsoft.MatMulNBits",
         "projections": ops.count("MatMulNBits"),
@@ -171,7 +172,21 @@ def _place(staging: Path, output: Path, force: bool) -> None:
         staging.rename(output)
 
 
-def check_graph_options(dtype: str, optimize: bool, quantize: str | None, fast_prefill: bool) -> None:
+def resolve_kv_cache(kv_cache: str, dtype: str, optimize: bool) -> str:
+    """'auto' -> preallocated for fused fp32/int8 graphs (CPU), growing for fp16 (CUDA) and standard-op graphs."""
+    if kv_cache != "auto":
+        return kv_cache
+    return "preallocated" if optimize and DTYPES.get(dtype) == "float32" else "growing"
+
+
+def check_graph_options(
+    dtype: str,
+    optimize: bool,
+    quantize: str | None,
+    fast_prefill: bool,
+    kv_cache: str = "auto",
+    block_size: int | None = None,
+) -> None:
     """Raise InvalidInputError for a graph variant that cannot be built (named by its export-gpt2 flags)."""
     if dtype not in DTYPES:
         raise InvalidInputError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
@@ -183,6 +198,16 @@ def check_graph_options(dtype: str, optimize: bool, quantize: str | None, fast_p
         raise InvalidInputError(f"--quantize {quantize} builds on the fused graph; drop --no-optimize")
     if fast_prefill and quantize != "int8":
         raise InvalidInputError("--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8")
+    if block_size is not None and quantize is None:
+        raise InvalidInputError("--block-size sets the int8 blocks; add --quantize int8")
+    if block_size is not None and block_size not in QUANT_BLOCKS:
+        raise InvalidInputError(f"unsupported block size {block_size!r}; choose {', '.join(map(str, QUANT_BLOCKS))}")
+    if kv_cache not in ("auto", *bundle.KV_CACHES):
+        raise InvalidInputError(f"unsupported kv_cache {kv_cache!r}; choose auto, {', '.join(bundle.KV_CACHES)}")
+    if kv_cache == "preallocated" and not optimize:
+        raise InvalidInputError(
+            "--kv-cache preallocated needs the fused graph (GroupQueryAttention); drop --no-optimize"
+        )
 
 
 def export_bundle(
@@ -193,6 +218,8 @@ def export_bundle(
     optimize: bool = True,
     quantize: str | None = None,
     fast_prefill: bool = False,
+    kv_cache: str = "auto",
+    block_size: int | None = None,
     random_init: str | None = None,
     seed: int = 0,
     tokenizer: str | None = None,
@@ -202,15 +229,20 @@ def export_bundle(
 ) -> Path:
     """Export a GPT-2 checkpoint (hub id, folder, or random_init shape) to a bundle folder; return its path.
 
-    optimize: build the graph from onnxruntime's fused contrib ops (MultiHeadAttention with past/present,
-    FastGelu); False keeps standard ONNX ops only. quantize="int8": int8 weights in the fused graph (MatMulNBits,
-    int8 activations at run time; fp32 only). fast_prefill (with int8): the blocks a second time as int8 matrices
-    for onnxruntime's int8 GEMM, used for steps of several tokens (prompts): faster prompts for more memory. The
-    bundle is assembled in a hidden sibling folder and renamed into place after validation, so a failed or
+    optimize: build the graph from onnxruntime's fused contrib ops (attention with past/present, FastGelu); False
+    keeps standard ONNX ops only. kv_cache: "preallocated" (fused only: GroupQueryAttention updates one buffer in
+    place; CPU provider only), "growing" (each step returns past + new positions; CUDA too) or "auto" (preallocated
+    for fused fp32 and int8 graphs, growing otherwise). quantize="int8": int8 weights in the fused graph
+    (MatMulNBits, int8 activations at run time; fp32 only), one scale per block_size inputs (32 to 256, default
+    128; larger decodes faster, smaller stays closer to fp32). fast_prefill (with int8): the blocks a second time as
+    int8 matrices for onnxruntime's int8 GEMM, used for steps of several tokens (prompts): faster prompts for more
+    memory. The bundle is assembled in a hidden sibling folder and renamed into place after validation, so a failed or
     interrupted export leaves no bundle (and no half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
-    check_graph_options(dtype, optimize, quantize, fast_prefill)
+    check_graph_options(dtype, optimize, quantize, fast_prefill, kv_cache, block_size)
+    kv_cache = resolve_kv_cache(kv_cache, dtype, optimize)
+    block_size = block_size or QUANT_BLOCK
     _require_export_dependencies()
     graph_dtype = DTYPES[dtype]
     output = Path(output) if output is not None else default_output(model, random_init)
@@ -226,15 +258,24 @@ def export_bundle(
                 random_checkpoint(random_init, seed) if random_init else load_pretrained(model, revision)
             )
         spec = checkpoint.spec
-        kind = ("fused" if optimize else "plain") + (f", {quantize} weights" if quantize else "")
-        kind += ", fast prefill" if fast_prefill else ""
+        kind = ("fused" if optimize else "plain") + (
+            f", {quantize} weights in blocks of {block_size}" if quantize else ""
+        )
+        kind += (", fast prefill" if fast_prefill else "") + f", {kv_cache} cache"
         with progress.step(f"building the ONNX graph ({spec.n_layer} layers, {graph_dtype}, {kind})"):
             weights = checkpoint.weights()
             model_proto = build_graph(
-                spec, weights, graph_dtype, fused=optimize, int8=quantize == "int8", fast_prefill=fast_prefill
+                spec,
+                weights,
+                graph_dtype,
+                fused=optimize,
+                int8=quantize == "int8",
+                fast_prefill=fast_prefill,
+                kv_cache=kv_cache,
+                block_size=block_size,
             )
             optimizations = _contrib_ops(model_proto)
-            quantization = _quantization_record(model_proto) if quantize else None
+            quantization = _quantization_record(model_proto, block_size) if quantize else None
             external = _save_graph(model_proto, staging)
             del weights, model_proto
         tokenizer_source = tokenizer or (None if random_init else model)
@@ -274,6 +315,7 @@ def export_bundle(
                 "opset": OPSET,
                 "inputs": inputs,
                 "outputs": outputs,
+                "kv_cache": kv_cache,
                 "logits": "last `logits_to_keep` positions (0 = all), float32",
                 "tied_embeddings": spec.tied_embeddings,
                 "optimizations": optimizations,

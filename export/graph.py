@@ -2,17 +2,22 @@
 
 One graph serves the prompt (empty past) and every decode step. Inputs: input_ids [batch, seq],
 attention_mask [batch, past+seq], position_ids [batch, seq], logits_to_keep (scalar: how many last positions
-get logits; 0 = all), past_key_values.{i}.key|value [batch, n_head, past, head_dim]. Outputs: logits
-[batch, kept, vocab] (float32) and present.{i}.key|value [batch, n_head, past+seq, head_dim].
+get logits; 0 = all), past_key_values.{i}.key|value. Outputs: logits [batch, kept, vocab] (float32) and
+present.{i}.key|value. The key/value cache is either growing (past [batch, n_head, past, head_dim] in, present
+[batch, n_head, past+seq, head_dim] out) or preallocated (past and present are one buffer [batch, n_head, capacity,
+head_dim] that the runtime binds as both, and the graph writes the new positions into it in place: no step copies
+the cache).
 
-Blocks come in two forms: standard ONNX ops (plain), or onnxruntime's contrib ops (fused: MultiHeadAttention with
-past/present and the QKV bias, FastGelu with the MLP bias). The fused form can carry int8 weights: every
-projection becomes MatMulNBits (8 bits, symmetric blocks of QUANT_BLOCK along the input dimension, int8
-activations at run time) with its bias folded in. Residual sums are Add + LayerNormalization: on onnxruntime's CPU
-provider that pair is faster than its SkipLayerNormalization (measured 0.19 vs 1.03 ms for 512 tokens). The
-tied token embedding is stored once: as [n_embd, vocab] for float graphs (MatMul reads it for the logits, a Gather
-along axis 1 for the input), or as the lm_head's MatMulNBits blocks for int8 graphs (the input Gather dequantises
-its rows). An untied lm_head gets its own weight.
+Blocks come in two forms: standard ONNX ops (plain; growing cache, Concat), or onnxruntime's contrib ops (fused:
+FastGelu with the MLP bias; MultiHeadAttention with the QKV bias for a growing cache, GroupQueryAttention over the
+packed QKV for a preallocated one, the attention mask turned into an additive bias beside the op's own causal mask).
+The fused form can carry int8 weights: every projection
+becomes MatMulNBits (8 bits, symmetric blocks of block_size inputs, QUANT_BLOCK by default, along the input
+dimension, int8 activations at run time) with its bias folded in. Residual sums are Add + LayerNormalization: on
+onnxruntime's CPU provider that pair is faster than its SkipLayerNormalization (measured 0.19 vs 1.03 ms for 512
+tokens). The tied token embedding is stored once: as [n_embd, vocab] for float graphs (MatMul reads it for the
+logits, a Gather along axis 1 for the input), or as the lm_head's MatMulNBits blocks for int8 graphs (the input
+Gather dequantises its rows). An untied lm_head gets its own weight.
 
 An int8 graph with fast prefill holds the blocks twice, chosen per run by an If on the step's length: steps of one
 token (decoding) run the MatMulNBits blocks; longer steps (prompts) run the same blocks over int8 matrices with one
@@ -37,7 +42,8 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "si
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 CONTRIB = "com.microsoft"
-QUANT_BLOCK = 128  # int8 weights: one scale per QUANT_BLOCK inputs of each output
+QUANT_BLOCK = 128  # int8 weights: by default one scale per QUANT_BLOCK inputs of each output
+QUANT_BLOCKS = (32, 64, 128, 256)  # the block sizes export offers (MatMulNBits takes powers of two from 16)
 QUANT_ZERO = 128  # MatMulNBits' implied zero point for 8 bits: stored byte = round(w / scale) + 128
 
 
@@ -68,11 +74,12 @@ class GPT2Spec:
 class _Builder:
     """Accumulates nodes and initializers with unique names."""
 
-    def __init__(self, dtype: str, int8: bool = False) -> None:
+    def __init__(self, dtype: str, int8: bool = False, block_size: int = QUANT_BLOCK) -> None:
         from onnx import TensorProto, helper, numpy_helper
 
         self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
         self.int8 = int8
+        self.block_size = block_size
         self.int8_columns = False  # int8 projections as DynamicQuantizeMatMul (inside the prefill branch)
         self.np_dtype = NUMPY_DTYPES[dtype]
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
@@ -113,16 +120,17 @@ class _Builder:
             self.nodes, self.int8_columns = outer, columns
 
     def quantized(self, name: str, matrix: np.ndarray) -> tuple[str, str]:
-        """Blocks and scales of matrix [out, in] for MatMulNBits: uint8 [out, blocks, QUANT_BLOCK], float [out, blocks].
+        """Blocks and scales of matrix [out, in] for MatMulNBits: uint8 [out, blocks, block_size], float [out, blocks].
 
-        Each block of QUANT_BLOCK inputs (zero-padded at the end) gets scale max|w| / 127 and bytes round(w / scale)
+        Each block of block_size inputs (zero-padded at the end) gets scale max|w| / 127 and bytes round(w / scale)
         + 128, so that w = (byte - 128) * scale within half a step.
         """
         rows, columns = matrix.shape
-        blocks = -(-columns // QUANT_BLOCK)
-        padded = np.zeros((rows, blocks * QUANT_BLOCK), np.float32)
+        size = self.block_size
+        blocks = -(-columns // size)
+        padded = np.zeros((rows, blocks * size), np.float32)
         padded[:, :columns] = matrix
-        padded = padded.reshape(rows, blocks, QUANT_BLOCK)
+        padded = padded.reshape(rows, blocks, size)
         scales = np.abs(padded).max(axis=2) / 127.0
         scales[scales == 0] = 1.0
         data = np.clip(np.round(padded / scales[:, :, None]), -127, 127) + QUANT_ZERO
@@ -166,7 +174,7 @@ class _Builder:
             K=inputs,
             N=outputs,
             bits=8,
-            block_size=QUANT_BLOCK,
+            block_size=self.block_size,
             accuracy_level=4,  # int8 activations (quantised per block at run time): the fast VNNI/AVX2 kernels
         )
 
@@ -261,6 +269,85 @@ def _fused_activation(b: _Builder, x: str, bias: str | None, name: str) -> str:
     return _activation(b, b.op("Add", x, bias) if bias else x, name)
 
 
+Attend = Callable[[str, str | None, int, list[str]], str]
+
+
+def _growing_attention(b: _Builder, spec: GPT2Spec) -> Attend:
+    """MultiHeadAttention with past in, past + new out; masking inside the op: causal (unidirectional, past
+    included) and padding keys from the [batch, T] mask, faster on CPU than an additive [batch, 1, S, T] bias."""
+    E = spec.n_embd
+    key_padding_mask = b.op("Cast", bundle.ATTENTION_MASK, to=b.TensorProto.INT32)
+    split_sizes = b.const([E, E, E], np.int64)
+
+    def attend(qkv: str, qkv_bias: str | None, layer: int, presents: list[str]) -> str:
+        q, k, v = (b.fresh(n) for n in "qkv")
+        b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
+        context = b.fresh("context")
+        b.op(
+            "MultiHeadAttention",
+            q,
+            k,
+            v,
+            qkv_bias or "",
+            key_padding_mask,
+            "",
+            bundle.past_key_name(layer),
+            bundle.past_value_name(layer),
+            outputs=[context, *presents],
+            domain=CONTRIB,
+            num_heads=spec.n_head,
+            scale=spec.attention_scale(layer),
+            unidirectional=1,
+        )
+        return context
+
+    return attend
+
+
+def _preallocated_attention(b: _Builder, spec: GPT2Spec) -> Attend:
+    """GroupQueryAttention over the packed QKV (GPT-2's [q | k | v] layout is the op's), writing the new key/values
+    into the past buffer in place. Every row holds T = attention_mask's width positions (left padding included), so
+    seqlens_k is T - 1 for all rows; padding keys get the dtype's lowest value as an additive bias (finite, so that a
+    padding query, which sees only padding, averages them instead of producing NaN)."""
+    from onnx import TensorProto
+
+    int64 = np.int64
+    total = b.op("Shape", bundle.ATTENTION_MASK, start=1, end=2)
+    total_length = b.op("Cast", b.op("Squeeze", total, b.const([0], int64)), to=TensorProto.INT32)
+    batch = b.op("Shape", bundle.ATTENTION_MASK, start=0, end=1)
+    seqlens_k = b.op("Cast", b.op("Expand", b.op("Sub", total, b.const([1], int64)), batch), to=TensorProto.INT32)
+    padding = b.op("Sub", b.const(1.0), b.op("Cast", bundle.ATTENTION_MASK, to=b.onnx_dtype))
+    key_bias = b.op("Mul", padding, b.const(np.finfo(b.np_dtype).min))
+    queries = b.op("Shape", bundle.INPUT_IDS, start=1, end=2)
+    bias_shape = b.op("Concat", batch, b.const([1], int64), queries, total, axis=0)
+    attention_bias = b.op("Expand", b.op("Unsqueeze", key_bias, b.const([1, 2], int64)), bias_shape)
+
+    def attend(qkv: str, qkv_bias: str | None, layer: int, presents: list[str]) -> str:
+        context = b.fresh("context")
+        b.op(
+            "GroupQueryAttention",
+            qkv,
+            "",
+            "",
+            bundle.past_key_name(layer),
+            bundle.past_value_name(layer),
+            seqlens_k,
+            total_length,
+            "",
+            "",
+            "",
+            attention_bias,
+            outputs=[context, *presents],
+            domain=CONTRIB,
+            num_heads=spec.n_head,
+            kv_num_heads=spec.n_head,
+            scale=spec.attention_scale(layer),
+        )
+        return context
+
+    return attend
+
+
 def _residual_layer_norm(b: _Builder, x: str, residual: str, weight: str, bias: str, eps: float) -> tuple[str, str]:
     """LayerNorm(x + residual): returns (normed, the new residual sum)."""
     total = b.op("Add", x, residual)
@@ -273,48 +360,26 @@ def _fused_blocks(
     weights: dict[str, np.ndarray],
     w: Callable[[str], str],
     hidden: str,
+    preallocated: bool,
     present_suffix: str = "",
 ) -> str:
-    """The blocks with onnxruntime contrib ops: MultiHeadAttention (past/present), FastGelu; projections through
-    b.project (float, or int8 with the biases inside MatMulNBits, where the QKV and MLP biases go in place of
-    MultiHeadAttention's and FastGelu's). Returns the final layer norm's output; the present key/values get the
-    graph outputs' names plus present_suffix (inside an If branch, whose outputs the If renames)."""
-    E, eps = spec.n_embd, spec.layer_norm_epsilon
-    # Masking inside the op: causal (unidirectional, past included) and padding keys from the [batch, T] mask. This
-    # is measurably faster on CPU than an additive [batch, 1, S, T] bias, and is the classic GPT-2 path on CUDA.
-    key_padding_mask = b.op("Cast", bundle.ATTENTION_MASK, to=b.TensorProto.INT32)
-    split_sizes = b.const([E, E, E], np.int64)
+    """The blocks with onnxruntime contrib ops: GroupQueryAttention over a preallocated cache, or MultiHeadAttention
+    (growing past/present); FastGelu; projections through b.project (float, or int8 with the biases inside
+    MatMulNBits, where the MLP bias goes in place of FastGelu's). Returns the final layer norm's output; the present
+    key/values get the graph outputs' names plus present_suffix (inside an If branch, whose outputs the If renames)."""
+    eps = spec.layer_norm_epsilon
+    attend = _preallocated_attention(b, spec) if preallocated else _growing_attention(b, spec)
     normed = _layer_norm(b, hidden, w("transformer.h.0.ln_1.weight"), w("transformer.h.0.ln_1.bias"), eps)
     residual = hidden
     for layer in range(spec.n_layer):
         p = f"transformer.h.{layer}."
         qkv_bias = w(p + "attn.c_attn.bias")
+        inner_bias = b.int8 or preallocated  # the bias goes into the projection, not into MultiHeadAttention
         qkv = b.project(
-            normed, p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"], qkv_bias if b.int8 else None
+            normed, p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"], qkv_bias if inner_bias else None
         )
-        q, k, v = (b.fresh(n) for n in "qkv")
-        b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
-        context = b.fresh("context")
-        b.op(
-            "MultiHeadAttention",
-            q,
-            k,
-            v,
-            "" if b.int8 else qkv_bias,
-            key_padding_mask,
-            "",
-            bundle.past_key_name(layer),
-            bundle.past_value_name(layer),
-            outputs=[
-                context,
-                bundle.present_key_name(layer) + present_suffix,
-                bundle.present_value_name(layer) + present_suffix,
-            ],
-            domain=CONTRIB,
-            num_heads=spec.n_head,
-            scale=spec.attention_scale(layer),
-            unidirectional=1,
-        )
+        presents = [bundle.present_key_name(layer) + present_suffix, bundle.present_value_name(layer) + present_suffix]
+        context = attend(qkv, None if inner_bias else qkv_bias, layer, presents)
         attention = b.project(
             context, p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"], w(p + "attn.c_proj.bias")
         )
@@ -329,7 +394,12 @@ def _fused_blocks(
 
 
 def _blocks_by_step_length(
-    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str
+    b: _Builder,
+    spec: GPT2Spec,
+    weights: dict[str, np.ndarray],
+    w: Callable[[str], str],
+    hidden: str,
+    preallocated: bool,
 ) -> str:
     """If the step has more than one new token (a prompt): the blocks over DynamicQuantizeMatMul; else (decoding)
     over MatMulNBits. Returns the final layer norm's output; the If writes the present key/values."""
@@ -340,7 +410,7 @@ def _blocks_by_step_length(
     for label, columns in (("prompt", True), ("step", False)):
         suffix = f".{label}"
         with b.subgraph(int8_columns=columns) as nodes:
-            normed = _fused_blocks(b, spec, weights, w, hidden, present_suffix=suffix)
+            normed = _fused_blocks(b, spec, weights, w, hidden, preallocated, present_suffix=suffix)
         outputs = [normed, *(name + suffix for name in presents)]
         value_infos = [b.helper.make_tensor_value_info(name, b.onnx_dtype, None) for name in outputs]
         branches[label] = b.helper.make_graph(nodes, f"blocks_{label}", [], value_infos)
@@ -388,17 +458,22 @@ def build_graph(
     fused: bool = False,
     int8: bool = False,
     fast_prefill: bool = False,
+    kv_cache: str = "growing",
+    block_size: int = QUANT_BLOCK,
 ):
     """Return the onnx.ModelProto of a GPT-2 with the given transformers-style state dict (numpy arrays).
 
     fused: build the blocks from onnxruntime contrib ops (faster; needs onnxruntime) instead of standard ONNX ops.
-    int8: int8 weights (MatMulNBits) for every projection and the embedding; needs fused and float32.
+    kv_cache: "growing" (present = past + the new positions) or "preallocated" (fused only: past and present are one
+    buffer of fixed capacity, updated in place by GroupQueryAttention).
+    int8: int8 weights (MatMulNBits) for every projection and the embedding, one scale per block_size inputs;
+    needs fused and float32.
     fast_prefill: with int8, the blocks a second time over DynamicQuantizeMatMul for steps of several tokens.
     The exporter checks these combinations (exporter.check_graph_options) and the activation (checkpoint loading).
     """
     from onnx import TensorProto, helper
 
-    b = _Builder(dtype, int8=int8)
+    b = _Builder(dtype, int8=int8, block_size=block_size)
     H, D = spec.n_head, spec.head_dim
 
     def w(name: str) -> str:
@@ -407,8 +482,12 @@ def build_graph(
     int64 = np.int64
     embedded, project_to_vocabulary = _embedding_and_head(b, spec, weights)
     hidden = b.op("Add", embedded, b.op("Gather", w("transformer.wpe.weight"), bundle.POSITION_IDS))
-    blocks = _blocks_by_step_length if fast_prefill else _fused_blocks if fused else _plain_blocks
-    hidden = blocks(b, spec, weights, w, hidden)
+    preallocated = kv_cache == "preallocated"
+    if fused:
+        blocks = _blocks_by_step_length if fast_prefill else _fused_blocks
+        hidden = blocks(b, spec, weights, w, hidden, preallocated)
+    else:
+        hidden = _plain_blocks(b, spec, weights, w, hidden)
     # Keep only the last `logits_to_keep` positions (0 keeps all) before the vocabulary projection.
     start = b.op("Unsqueeze", b.op("Neg", bundle.LOGITS_TO_KEEP), b.const([0], int64))
     kept = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max], int64), b.const([1], int64))
@@ -418,8 +497,8 @@ def build_graph(
     else:
         b.op("Cast", logits, outputs=[bundle.LOGITS], to=TensorProto.FLOAT)
 
-    kv_shape = ["batch", H, "past_sequence", D]
-    present_shape = ["batch", H, "total_sequence", D]
+    kv_shape = ["batch", H, "capacity" if preallocated else "past_sequence", D]
+    present_shape = ["batch", H, "capacity" if preallocated else "total_sequence", D]
     inputs = [
         helper.make_tensor_value_info(bundle.INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info(bundle.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence"]),

@@ -10,7 +10,8 @@ import numpy as np
 
 # Relative tolerance (max |logits diff| / max(1, max |PyTorch logit|)) for each kind of graph. float32 graphs compute
 # what PyTorch computes up to summation order; float16 rounds every activation to 11 bits; int8 rounds each weight to
-# 255 levels per block of 128 inputs (or per output column, for fast prefill) and activations to 8 bits at run time.
+# 255 levels per block of inputs (128 by default; or per output column, for fast prefill) and activations to 8 bits at
+# run time.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15}
 PROMPT_LENGTHS = (7, 4)  # a batch of two prompts of different lengths, so the shorter one is left-padded
 AGREEMENT_ROWS, AGREEMENT_PROMPT, AGREEMENT_NEW = 4, 8, 24

@@ -204,7 +204,7 @@ def beam_search(
         prompts.input_ids,
         prompts.attention_mask,
         position_ids_from_mask(prompts.attention_mask),
-        session.empty_cache(prompts.input_ids.shape[0]),
+        session.empty_cache(prompts.input_ids.shape[0], capacity=prompts.input_ids.shape[1] + search.max_new_tokens),
     )
     prefill_seconds = time.perf_counter() - start
     # Every beam of a prompt starts from the same prompt: compute it once and copy its cache to the beams.

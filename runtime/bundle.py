@@ -22,6 +22,7 @@ ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS_TO_KEEP = "logits_to_keep"
 LOGITS = "logits"
+KV_CACHES = ("growing", "preallocated")
 
 
 def past_key_name(layer: int) -> str:
@@ -88,6 +89,7 @@ class Manifest:
     eos_token_id: int | None
     pad_token_id: int | None
     dtype: str
+    kv_cache: str = "growing"  # or "preallocated": see runtime/session.py
 
     @property
     def model_path(self) -> Path:
@@ -164,6 +166,9 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
     dtype = _require(graph, "dtype", str, folder, "graph.")
     if dtype not in ("float32", "float16"):
         raise _fail(folder, f"unsupported graph dtype {dtype!r}")
+    kv_cache = graph.get("kv_cache", "growing")
+    if kv_cache not in KV_CACHES:
+        raise _fail(folder, f"unsupported graph kv_cache {kv_cache!r} (this gpt2onnx knows {', '.join(KV_CACHES)})")
     tokens = _require(data, "special_tokens", dict, folder, "")
     _require(data, "source", dict, folder, "")
 
@@ -195,6 +200,7 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
         eos_token_id=token("eos_token_id"),
         pad_token_id=token("pad_token_id"),
         dtype=dtype,
+        kv_cache=kv_cache,
     )
     if verify_hashes:
         check_hashes(manifest)

@@ -43,6 +43,8 @@ class PaddedBatch:
 
 def is_eos(tokens: np.ndarray, eos_token_ids: np.ndarray) -> np.ndarray:
     """Which tokens are one of the EOS ids (any shape; a plain comparison: np.isin costs more for a few ids)."""
+    if len(eos_token_ids) == 1:
+        return tokens == eos_token_ids[0]
     return (tokens[..., None] == eos_token_ids).any(axis=-1)
 
 
@@ -89,20 +91,29 @@ def token_steps(
     sequences[:, :prompt_length] = batch.input_ids
     attention_mask = growing_mask(batch.attention_mask, max_new_tokens)
     positions = position_ids_from_mask(batch.attention_mask)
+    # Each step's position ids, [step, batch, 1]: one contiguous slice per step.
+    next_positions = (positions[:, -1] + np.arange(1, max_new_tokens + 1)[:, None])[:, :, None]
     eos = np.asarray(list(eos_token_ids), dtype=np.int64)
     finished = np.zeros(batch_size, dtype=bool)
-    logits, past = session.forward(batch.input_ids, batch.attention_mask, positions, session.empty_cache(batch_size))
+    any_finished = False
+    cache = session.empty_cache(batch_size, capacity=prompt_length + max_new_tokens)
+    logits, past = session.forward(batch.input_ids, batch.attention_mask, positions, cache)
+    # Kept to few numpy calls per step: between two runs of the graph every call starts from cold caches.
     for step in range(max_new_tokens):
         length = prompt_length + step
-        scores = processors(sequences[:, :length], logits[:, -1, :])
-        tokens = np.where(finished, pad_token_id, choose(scores))
+        scores = logits[:, -1, :]
+        if processors:
+            scores = processors(sequences[:, :length], scores)
+        tokens = choose(scores)
+        if any_finished:
+            tokens[finished] = pad_token_id
         sequences[:, length] = tokens
-        finished = finished | is_eos(tokens, eos)
+        finished = finished | is_eos(tokens, eos)  # a new array: the Steps already yielded keep theirs
         if stopping is not None:
             active = np.flatnonzero(~finished)
             finished[active] |= stopping(sequences[active, : length + 1])
-        yield Step(tokens, scores, finished.copy())
-        if finished.all() or step + 1 == max_new_tokens:
+        any_finished = bool(finished.any())
+        yield Step(tokens, scores, finished)
+        if step + 1 == max_new_tokens or (any_finished and finished.all()):
             return
-        positions = positions[:, -1:] + 1
-        logits, past = session.forward(tokens[:, None], attention_mask[:, : length + 1], positions, past)
+        logits, past = session.forward(tokens[:, None], attention_mask[:, : length + 1], next_positions[step], past)

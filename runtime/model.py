@@ -217,7 +217,7 @@ class GPT2Model:
             batch.input_ids,
             batch.attention_mask,
             np.arange(batch.input_ids.shape[1])[None],
-            self.session.empty_cache(1),
+            self.session.empty_cache(1, capacity=batch.input_ids.shape[1]),
         )
         probabilities = softmax(logits[0, -1].astype(np.float64))
         order = np.argsort(-probabilities, kind="stable")[:top]

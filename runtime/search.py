@@ -39,7 +39,7 @@ class Continuation:
 
 def greedy_choice(scores: np.ndarray) -> np.ndarray:
     """The highest-scoring token of each row (first one on ties, as torch.argmax)."""
-    return np.argmax(scores, axis=-1).astype(np.int64)
+    return np.argmax(scores, axis=-1).astype(np.int64, copy=False)
 
 
 class Sampler:

@@ -1,10 +1,13 @@
 """The onnxruntime session of a bundle's decoder graph: provider choice, threads, IO binding, and one forward step.
 
-On CPU a step is one run() call: numpy inputs are wrapped, not copied, and the outputs come back as numpy views
-of onnxruntime's buffers, so the key/values are never copied between steps. With device_cache (the default on
-CUDA) the step runs through an IO binding: new tokens, mask and positions are bound from host memory, the logits
-come back to host memory, and the present key/values stay on the device as OrtValues that are bound as the next
-step's past as they are, and reordered for beams on the device.
+A bundle's cache is growing or preallocated (bundle.json graph.kv_cache). Growing, on CPU a step is one run() call:
+numpy inputs are wrapped, not copied, and the outputs come back as numpy views of onnxruntime's buffers; the graph
+appends the new positions to the past it is given. Preallocated (CPU only), the cache is one numpy buffer per key and
+value, [batch, n_head, capacity, head_dim], bound through an IO binding as both the past input and the present output
+of every step: the graph writes the new positions into it in place, and no step copies the cache. With device_cache
+(growing caches on CUDA) the step runs through an IO binding too: new tokens, mask and positions are bound from host
+memory, the logits come back to host memory, and the present key/values stay on the device as OrtValues that are bound
+as the next step's past as they are, and reordered for beams on the device.
 """
 
 from __future__ import annotations
@@ -53,15 +56,24 @@ class RowGather:
 @dataclass
 class KVCache:
     """The past key/values of every layer, [batch, n_head, length, head_dim] each: numpy arrays, or OrtValues that
-    live on the provider's device (CUDA) when the session keeps the cache there."""
+    live on the provider's device (CUDA) when the session keeps the cache there. A preallocated cache holds numpy
+    buffers [batch, n_head, capacity, head_dim] of which the first `filled` positions are written."""
 
     keys: list[Any]
     values: list[Any]
     gather: RowGather | None = field(default=None, repr=False, compare=False)
+    filled: int | None = None  # preallocated: positions written so far; None: a growing cache, all positions are
+    binding: Any = field(default=None, repr=False, compare=False)  # preallocated: the buffers bound as past/present
 
     def select(self, rows: np.ndarray) -> KVCache:
         """A new cache of the given batch rows, in that order (each prompt's cache copied to its beams)."""
         rows = np.asarray(rows, dtype=np.int64)
+        if self.filled is not None:
+            return KVCache(
+                [_rows_of_buffer(k, rows, self.filled) for k in self.keys],
+                [_rows_of_buffer(v, rows, self.filled) for v in self.values],
+                filled=self.filled,
+            )
         if self.gather is None or all(isinstance(k, np.ndarray) for k in self.keys + self.values):
             return KVCache(
                 [np.take(k, rows, axis=0) for k in self.keys], [np.take(v, rows, axis=0) for v in self.values]
@@ -79,10 +91,17 @@ class KVCache:
             return self
         if self.gather is not None:  # OrtValues on the device
             return self.select(rows)
-        sources = rows[moved]
+        sources, end = rows[moved], self.filled  # a preallocated buffer: only its written positions
         for tensor in self.keys + self.values:
-            tensor[moved] = tensor[sources]  # the right side is gathered first, so overlapping rows are safe
+            tensor[moved, :, :end] = tensor[sources, :, :end]  # the right side is gathered first: overlaps are safe
         return self
+
+
+def _rows_of_buffer(buffer: np.ndarray, rows: np.ndarray, filled: int) -> np.ndarray:
+    """A new buffer of the same capacity holding the given rows' first `filled` positions (the rest zero)."""
+    picked = np.zeros((len(rows), *buffer.shape[1:]), buffer.dtype)
+    picked[:, :, :filled] = buffer[rows, :, :filled]
+    return picked
 
 
 def physical_cores() -> int:
@@ -138,6 +157,7 @@ class DecoderSession:
 
     device_cache: keep the key/values as OrtValues on the provider's device between steps (default: on CUDA
     only; on CPU numpy arrays share onnxruntime's buffers already, and tests pass True to run the CUDA code path).
+    Bundles with a preallocated cache run on CPU only: provider 'auto' picks CPU for them, 'cuda' is an error.
     """
 
     def __init__(
@@ -149,7 +169,15 @@ class DecoderSession:
     ) -> None:
         self.manifest = manifest
         self.architecture = manifest.architecture
+        self.preallocated = manifest.kv_cache == "preallocated"
         providers: list[Any] = list(resolve_providers(provider))
+        if self.preallocated:
+            if provider == "cuda" or device_cache:
+                raise ProviderError(
+                    f"bundle {manifest.folder} keeps a preallocated key/value cache (GroupQueryAttention), which runs "
+                    "on the CPU provider only; export it with --kv-cache growing to run on CUDA"
+                )
+            providers = [PROVIDERS["cpu"]]  # 'auto
         if providers[0] == PROVIDERS["cuda"]:
             providers[0] = (PROVIDERS["cuda"], CUDA_OPTIONS)
         options = session_options(intra_op_threads)
@@ -189,8 +217,13 @@ class DecoderSession:
         self._input_names, self._output_names = expected_inputs, expected_outputs
         self._past_names, self._present_names = expected_inputs[4:], expected_outputs[1:]
 
-    def empty_cache(self, batch_size: int) -> KVCache:
+    def empty_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        """The cache before the first step; a preallocated one holds `capacity` positions (default: the context)."""
         arch = self.architecture
+        if self.preallocated:
+            shape = (batch_size, arch.n_head, capacity or arch.n_positions, arch.head_dim)
+            buffers = [np.zeros(shape, self.kv_dtype) for _ in range(2 * arch.n_layer)]
+            return KVCache(buffers[0::2], buffers[1::2], filled=0)
         empty = np.zeros((batch_size, arch.n_head, 0, arch.head_dim), self.kv_dtype)
         return KVCache([empty] * arch.n_layer, [empty] * arch.n_layer, self._gather)
 
@@ -202,13 +235,16 @@ class DecoderSession:
         past: KVCache,
         logits_to_keep: int = 1,
     ) -> tuple[np.ndarray, KVCache]:
-        """One step: logits [batch, kept, vocab] of the last `logits_to_keep` positions (0 = all), and the new past."""
+        """One step: logits [batch, kept, vocab] of the last `logits_to_keep` positions (0 = all), and the new past
+        (a preallocated cache is updated in place and returned)."""
         inputs = [
             np.ascontiguousarray(input_ids, dtype=np.int64),
             np.ascontiguousarray(attention_mask, dtype=np.int64),
             np.ascontiguousarray(position_ids, dtype=np.int64),
             np.array(logits_to_keep, dtype=np.int64),
         ]
+        if self.preallocated:
+            return self._forward_in_place(inputs, past)
         if not self.device_cache:
             # On CPU, run() wraps the numpy inputs and returns numpy views of onnxruntime's outputs: no copies, and
             # fewer Python calls per step than binding 4 + 2 * n_layer inputs and outputs one by one.
@@ -230,6 +266,31 @@ class DecoderSession:
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), KVCache(present[0::2], present[1::2], self._gather)
+
+    def _forward_in_place(self, inputs: list[np.ndarray], past: KVCache) -> tuple[np.ndarray, KVCache]:
+        total, capacity = inputs[1].shape[1], past.keys[0].shape[2]
+        if past.filled is None or total > capacity:
+            raise ValueError(f"this step needs a preallocated cache of {total} positions, got {capacity}")
+        binding = past.binding
+        if binding is None:  # first step: bind every buffer as its layer's past and present, once for all steps
+            binding = past.binding = self.session.io_binding()
+            for past_name, present_name, buffer in zip(
+                self._past_names, self._present_names, _interleave(past), strict=True
+            ):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+                binding.bind_ortvalue_input(past_name, value)
+                binding.bind_ortvalue_output(present_name, value)
+        for name, array in zip(self._input_names[:4], inputs, strict=True):
+            binding.bind_cpu_input(name, array)
+        # The logits go straight into a new array of this step's shape (reading them back through get_outputs()
+        # would wrap all 2 * n_layer + 1 outputs, ~23 us a step).
+        new_tokens, keep = inputs[0].shape[1], int(inputs[3])
+        shape = [len(inputs[0]), min(keep, new_tokens) or new_tokens, self.architecture.vocab_size]
+        logits = np.empty(shape, np.float32)
+        binding.bind_output(bundle.LOGITS, "cpu", 0, np.float32, shape, logits.__array_interface__["data"][0])
+        self.session.run_with_iobinding(binding)
+        past.filled = total
+        return logits, past
 
 
 def _interleave(cache: KVCache) -> list[Any]:

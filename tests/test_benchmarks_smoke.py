@@ -48,4 +48,4 @@ def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
     profiled = subprocess.run([*profile, "--prompt", "16", "--runs", "10"], capture_output=True, text=True, timeout=300)
     assert profiled.returncode == 0, profiled.stderr[-3000:]
     assert "decode step, batch 1, past 40" in profiled.stdout and "prefill of 16 tokens" in profiled.stdout
-    assert "MatMulNBits" in profiled.stdout and "MultiHeadAttention" in profiled.stdout
+    assert "MatMulNBits" in profiled.stdout and "GroupQueryAttention" in profiled.stdout

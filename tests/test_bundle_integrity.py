@@ -50,6 +50,10 @@ def newer_schema(folder: Path) -> None:
     edit_manifest(folder, lambda data: data.update(schema_version=bundle.SCHEMA_VERSION + 1))
 
 
+def unknown_kv_cache(folder: Path) -> None:
+    edit_manifest(folder, lambda data: data["graph"].update(kv_cache="paged"))
+
+
 def garbage_manifest(folder: Path) -> None:
     (folder / bundle.MANIFEST_FILE).write_text("{not json")
 
@@ -107,6 +111,7 @@ CASES: list[tuple[Damage, str]] = [
     (remove_tokenizer, "file tokenizer.json is missing"),
     (point_outside, "names a file outside the bundle folder: '../outside.onnx'"),
     (newer_schema, f"schema version {bundle.SCHEMA_VERSION + 1} is newer than this gpt2onnx supports"),
+    (unknown_kv_cache, "unsupported graph kv_cache 'paged' \\(this gpt2onnx knows growing, preallocated\\)"),
     (garbage_manifest, "bundle.json is not valid JSON"),
     (remove_manifest, "bundle.json is missing"),
     (drop_architecture_field, "lacks 'architecture.n_head'"),

@@ -4,6 +4,7 @@ match PyTorch; and the session's device-cache (IO binding + OrtValue) path, exer
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from gpt2onnx.cli.export_command import main as export_main
 from gpt2onnx.export.checkpoint import random_checkpoint
 from gpt2onnx.export.exporter import export_bundle
 from gpt2onnx.runtime.bundle import read_manifest
-from gpt2onnx.runtime.errors import InvalidInputError
+from gpt2onnx.runtime.errors import InvalidInputError, ProviderError
 from gpt2onnx.runtime.generation import PaddedBatch, position_ids_from_mask
 from gpt2onnx.runtime.session import DecoderSession, KVCache
 from reference import reference_generate, reference_padded_logits
@@ -24,12 +25,15 @@ from reference import reference_generate, reference_padded_logits
 SEED = 0
 VARIANTS: dict[str, dict[str, Any]] = {
     "fused": {},
+    "fused-growing": {"kv_cache": "growing"},
     "plain": {"optimize": False},
     "int8": {"quantize": "int8"},
     "int8-fast-prefill": {"quantize": "int8", "fast_prefill": True},
+    "int8-block256": {"quantize": "int8", "block_size": 256},
     "fp16": {"dtype": "fp16"},
 }
-FUSED_OPS = ["FastGelu", "MultiHeadAttention"]
+FUSED_OPS = ["FastGelu", "GroupQueryAttention"]  # preallocated cache (the default for fp32 and int8)
+GROWING_OPS = ["FastGelu", "MultiHeadAttention"]
 ROWS = [[8001, 811, 34, 498, 493, 36, 15516, 38, 594], [464, 2068, 7586]]
 
 
@@ -61,14 +65,27 @@ def _bundle_logits(session: DecoderSession, batch: PaddedBatch) -> np.ndarray:
 def test_manifest_records_graph_choices(bundles: dict[str, Path]) -> None:
     graphs = {name: _manifest_data(folder)["graph"] for name, folder in bundles.items()}
     assert graphs["fused"]["optimizations"] == FUSED_OPS
+    assert graphs["fused-growing"]["optimizations"] == GROWING_OPS
     assert graphs["plain"]["optimizations"] == []
-    assert graphs["fp16"]["optimizations"] == FUSED_OPS
+    assert graphs["fp16"]["optimizations"] == GROWING_OPS
+    kv_caches = {name: graph["kv_cache"] for name, graph in graphs.items()}
+    assert kv_caches == {
+        "fused": "preallocated",
+        "fused-growing": "growing",
+        "plain": "growing",
+        "int8": "preallocated",
+        "int8-fast-prefill": "preallocated",
+        "int8-block256": "preallocated",
+        "fp16": "growing",
+    }
     assert graphs["fused"]["quantization"] is None
     quantization = graphs["int8"]["quantization"]
     assert (quantization["weights"], quantization["op"]) == ("int8", "com.microsoft.MatMulNBits")
     assert quantization["projections"] == 2 * 4 + 1  # 4 projections per block + the lm_head
     assert graphs["int8"]["optimizations"] == sorted([*FUSED_OPS, "MatMulNBits"])
     assert "prompt_steps" not in quantization
+    assert (quantization["block_size"], graphs["int8-block256"]["quantization"]["block_size"]) == (128, 256)
+    assert graphs["int8-block256"]["quantization"]["scheme"].startswith("symmetric blocks of 256 inputs per output")
     fast = graphs["int8-fast-prefill"]["quantization"]
     assert fast["projections"] == 2 * 4 + 1 and fast["prompt_steps"]["projections"] == 2 * 4
     assert fast["prompt_steps"]["op"] == "com.microsoft.DynamicQuantizeMatMul"
@@ -79,9 +96,11 @@ def test_manifest_records_graph_choices(bundles: dict[str, Path]) -> None:
 def test_validation_records_variant_tolerance_and_agreement(bundles: dict[str, Path]) -> None:
     expected = {
         "fused": ("float32", 1e-4),
+        "fused-growing": ("float32", 1e-4),
         "plain": ("float32", 1e-4),
         "int8": ("int8", 0.15),
         "int8-fast-prefill": ("int8", 0.15),
+        "int8-block256": ("int8", 0.15),
         "fp16": ("float16", 2e-2),
     }
     for name, folder in bundles.items():
@@ -119,19 +138,25 @@ def test_other_activations_in_fused_and_int8_graphs(tmp_path: Path, activation: 
     assert _manifest_data(int8)["validation"]["passed"] is True
 
 
-def test_fused_attention_masks_match_plain_graph_with_past(bundles: dict[str, Path]) -> None:
-    """Padding and causal masking inside MultiHeadAttention: a left-padded prompt, then a 3-token chunk on its past."""
-    sessions = [DecoderSession(read_manifest(bundles[name]), provider="cpu") for name in ("fused", "plain")]
+@pytest.mark.parametrize("variant", ["fused", "fused-growing"])
+def test_fused_attention_masks_match_plain_graph_with_past(bundles: dict[str, Path], variant: str) -> None:
+    """Padding and causal masking inside the fused attention: a left-padded prompt, one step, then (batch 1 only with
+    a preallocated cache, as GroupQueryAttention requires) a 3-token chunk on the past; all against the plain graph."""
+    sessions = [DecoderSession(read_manifest(bundles[name]), provider="cpu") for name in (variant, "plain")]
     batch = PaddedBatch.from_rows(ROWS, pad_token_id=0)
     positions = position_ids_from_mask(batch.attention_mask)
-    chunk = np.array([[11, 12, 13], [21, 22, 23]])
-    mask = np.concatenate([batch.attention_mask, np.ones_like(chunk)], axis=1)
+    step = np.array([[11], [21]])
+    mask = np.concatenate([batch.attention_mask, np.ones_like(step)], axis=1)
+    chunk = np.array([[12, 13, 14]])
     results = []
     for session in sessions:
-        _, past = session.forward(batch.input_ids, batch.attention_mask, positions, session.empty_cache(2))
-        logits, _ = session.forward(chunk, mask, positions[:, -1:] + np.arange(1, 4), past, logits_to_keep=0)
-        results.append(logits)
-    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+        prompt, past = session.forward(batch.input_ids, batch.attention_mask, positions, session.empty_cache(2), 0)
+        stepped, past = session.forward(step, mask, positions[:, -1:] + 1, past, logits_to_keep=0)
+        _, first = session.forward(batch.input_ids[:1], batch.attention_mask[:1], positions[:1], session.empty_cache(1))
+        chunked, _ = session.forward(chunk, np.ones((1, 12), np.int64), np.arange(9, 12)[None], first, 0)
+        results.append((prompt[batch.attention_mask.astype(bool)], stepped, chunked))
+    for fused, plain in zip(*results, strict=True):
+        np.testing.assert_allclose(fused, plain, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["fused", "plain"])
@@ -143,7 +168,7 @@ def test_fp32_greedy_equals_transformers(bundles: dict[str, Path], torch_model: 
     assert got == expected
 
 
-@pytest.mark.parametrize("variant", ["int8", "int8-fast-prefill", "fp16"])
+@pytest.mark.parametrize("variant", ["int8", "int8-fast-prefill", "int8-block256", "fp16"])
 def test_reduced_precision_bundles_load_and_generate(bundles: dict[str, Path], torch_model: Any, variant: str) -> None:
     model = gpt2onnx.load(bundles[variant], provider="cpu")
     output = model.generate(input_ids=ROWS, max_new_tokens=5)
@@ -168,15 +193,16 @@ def test_fast_prefill_decodes_exactly_as_the_int8_graph(bundles: dict[str, Path]
     assert not np.array_equal(prompt_fast[real], prompt_plain[real]), "the prompt ran the DynamicQuantizeMatMul blocks"
     np.testing.assert_allclose(prompt_fast[real], prompt_plain[real], atol=0.15 * np.abs(prompt_plain).max())
     step = (np.array([[5], [7]]), np.concatenate([batch.attention_mask, np.ones((2, 1), np.int64)], axis=1))
+    same_past = KVCache([k.copy() for k in past.keys], [v.copy() for v in past.values], filled=past.filled)
     step_plain, after_plain = plain.forward(*step, positions[:, -1:] + 1, past)
-    step_fast, after_fast = fast.forward(*step, positions[:, -1:] + 1, past)
+    step_fast, after_fast = fast.forward(*step, positions[:, -1:] + 1, same_past)
     np.testing.assert_array_equal(step_fast, step_plain)
     np.testing.assert_array_equal(after_fast.keys[1], after_plain.keys[1])
 
 
 def test_device_cache_path_matches_host_path(bundles: dict[str, Path]) -> None:
     """The CUDA code path (KV cache as OrtValues bound as the next past, rows reordered by a Gather session) on CPU."""
-    manifest = read_manifest(bundles["fused"])
+    manifest = read_manifest(bundles["fused-growing"])
     host = DecoderSession(manifest, provider="cpu")
     device = DecoderSession(manifest, provider="cpu", device_cache=True)
     batch = PaddedBatch.from_rows(ROWS, pad_token_id=0)
@@ -200,7 +226,7 @@ def test_device_cache_path_matches_host_path(bundles: dict[str, Path]) -> None:
 
 
 def test_device_cache_generation_equals_host_generation(bundles: dict[str, Path]) -> None:
-    model = gpt2onnx.load(bundles["fused"], provider="cpu")
+    model = gpt2onnx.load(bundles["fused-growing"], provider="cpu")
     expected = model.generate(input_ids=ROWS, max_new_tokens=8)
     model.session = DecoderSession(model.manifest, provider="cpu", device_cache=True)
     got = model.generate(input_ids=ROWS, max_new_tokens=8)
@@ -250,6 +276,11 @@ def test_gather_rows_model_is_valid_onnx() -> None:
         (["--quantize", "int8", "--dtype", "fp16"], "--quantize int8 applies to fp32 weights; drop --dtype fp16"),
         (["--quantize", "int8", "--no-optimize"], "--quantize int8 builds on the fused graph; drop --no-optimize"),
         (["--fast-prefill"], "--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8"),
+        (["--block-size", "64"], "--block-size sets the int8 blocks; add --quantize int8"),
+        (
+            ["--kv-cache", "preallocated", "--no-optimize"],
+            "--kv-cache preallocated needs the fused graph (GroupQueryAttention); drop --no-optimize",
+        ),
     ],
 )
 def test_cli_refuses_impossible_graph_variants(
@@ -258,7 +289,7 @@ def test_cli_refuses_impossible_graph_variants(
     assert export_main(["--random-init", "tiny", *flags, "--output", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err == f"export-gpt2: error: {message}\n"
     assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
-    with pytest.raises(InvalidInputError, match=message.replace("+", "\\+")):
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
         export_bundle(output=tmp_path / "c", random_init="tiny", **_export_options(flags))
 
 
@@ -268,4 +299,45 @@ def _export_options(flags: list[str]) -> dict[str, Any]:
         options["quantize"] = flags[flags.index("--quantize") + 1]
     if "--dtype" in flags:
         options["dtype"] = flags[flags.index("--dtype") + 1]
+    if "--kv-cache" in flags:
+        options["kv_cache"] = flags[flags.index("--kv-cache") + 1]
+    if "--block-size" in flags:
+        options["block_size"] = int(flags[flags.index("--block-size") + 1])
     return options
+
+
+def test_unsupported_block_size_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match=re.escape("unsupported block size 100; choose 32, 64, 128, 256")):
+        export_bundle(output=tmp_path / "b", random_init="tiny", quantize="int8", block_size=100)
+    assert not list(tmp_path.iterdir())
+
+
+def test_preallocated_cache_runs_on_cpu_only(bundles: dict[str, Path]) -> None:
+    """'auto' picks the CPU for a preallocated cache; the device-cache (CUDA) path refuses it in one line."""
+    assert gpt2onnx.load(bundles["fused"], provider="auto").provider == "cpu"
+    with pytest.raises(ProviderError) as caught:
+        DecoderSession(read_manifest(bundles["int8"]), provider="cpu", device_cache=True)
+    assert str(caught.value) == (
+        f"bundle {bundles['int8']} keeps a preallocated key/value cache (GroupQueryAttention), which runs on the CPU "
+        "provider only; export it with --kv-cache growing to run on CUDA"
+    )
+
+
+def test_preallocated_cache_is_written_in_place_up_to_its_fill(bundles: dict[str, Path]) -> None:
+    """The graph writes each step's keys into the buffer it was given (no copy), and nothing past the filled length;
+    select() copies the filled positions into fresh buffers of the same capacity."""
+    session = DecoderSession(read_manifest(bundles["fused"]), provider="cpu")
+    batch = PaddedBatch.from_rows(ROWS, pad_token_id=0)
+    cache = session.empty_cache(2, capacity=16)
+    buffer = cache.keys[0]
+    positions = position_ids_from_mask(batch.attention_mask)
+    _, past = session.forward(batch.input_ids, batch.attention_mask, positions, cache)
+    mask = np.concatenate([batch.attention_mask, np.ones((2, 1), np.int64)], axis=1)
+    _, past = session.forward(np.array([[5], [7]]), mask, positions[:, -1:] + 1, past)
+    assert past is cache and past.keys[0] is buffer and past.filled == 10
+    assert np.abs(buffer[:, :, :10]).max() > 0 and not buffer[:, :, 10:].any()
+    picked = past.select(np.array([1, 1, 0]))
+    assert picked.keys[0].shape == (3, *buffer.shape[1:]) and picked.filled == 10
+    np.testing.assert_array_equal(picked.keys[0][2], buffer[0])
+    with pytest.raises(ValueError, match="needs a preallocated cache of 11 positions, got 10"):
+        session.forward(np.array([[5]]), np.ones((1, 11), np.int64), np.array([[10]]), session.empty_cache(1, 10))
