@@ -100,9 +100,8 @@ def validate_bundle(
     batch = PaddedBatch.from_rows(rows, pad_token_id=0)
     session = DecoderSession(manifest, provider="cpu")
     positions = position_ids_from_mask(batch.attention_mask)
-    logits, past = session.forward(
-        batch.input_ids, batch.attention_mask, positions, session.empty_cache(len(rows)), logits_to_keep=0
-    )
+    cache = session.empty_cache(len(rows), capacity=batch.input_ids.shape[1] + 1)  # the prompt and one step
+    logits, past = session.forward(batch.input_ids, batch.attention_mask, positions, cache, logits_to_keep=0)
     reference = _reference_logits(model, batch.input_ids, batch.attention_mask)
     real = batch.attention_mask.astype(bool)
     prompt_diff = float(np.max(np.abs(logits[real] - reference[real])))
@@ -118,9 +117,8 @@ def validate_bundle(
     prompts = rng.integers(0, vocab, size=(AGREEMENT_ROWS, AGREEMENT_PROMPT))
     sequences = _greedy_sequences(model, prompts, AGREEMENT_NEW)
     ones = np.ones_like(sequences)
-    forced, _ = session.forward(
-        sequences, ones, position_ids_from_mask(ones), session.empty_cache(AGREEMENT_ROWS), logits_to_keep=0
-    )
+    cache = session.empty_cache(AGREEMENT_ROWS, capacity=sequences.shape[1])
+    forced, _ = session.forward(sequences, ones, position_ids_from_mask(ones), cache, logits_to_keep=0)
     forced_reference = _reference_logits(model, sequences, ones)
     forced_diff = float(np.max(np.abs(forced - forced_reference)))
     max_logit = max(max_logit, float(np.max(np.abs(forced_reference))))
