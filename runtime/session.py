@@ -177,7 +177,7 @@ class DecoderSession:
                     f"bundle {manifest.folder} keeps a preallocated key/value cache (GroupQueryAttention), which runs "
                     "on the CPU provider only; export it with --kv-cache growing to run on CUDA"
                 )
-            providers = [PROVIDERS["cpu"]]  # 'auto
+            providers = [PROVIDERS["cpu"]]  # for 'auto' as for 'cpu'
         if providers[0] == PROVIDERS["cuda"]:
             providers[0] = (PROVIDERS["cuda"], CUDA_OPTIONS)
         options = session_options(intra_op_threads)
@@ -268,8 +268,10 @@ class DecoderSession:
         return logits.numpy(), KVCache(present[0::2], present[1::2], self._gather)
 
     def _forward_in_place(self, inputs: list[np.ndarray], past: KVCache) -> tuple[np.ndarray, KVCache]:
+        if past.filled is None:
+            raise ValueError("this session keeps a preallocated cache: start from its empty_cache()")
         total, capacity = inputs[1].shape[1], past.keys[0].shape[2]
-        if past.filled is None or total > capacity:
+        if total > capacity:
             raise ValueError(f"this step needs a preallocated cache of {total} positions, got {capacity}")
         binding = past.binding
         if binding is None:  # first step: bind every buffer as its layer's past and present, once for all steps

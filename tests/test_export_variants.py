@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int8-fast-prefill": {"quantize": "int8", "fast_prefill": True},
     "int8-block256": {"quantize": "int8", "block_size": 256},
     "fp16": {"dtype": "fp16"},
+    "fp16-preallocated": {"dtype": "fp16", "kv_cache": "preallocated"},
 }
 FUSED_OPS = ["FastGelu", "GroupQueryAttention"]  # preallocated cache (the default for fp32 and int8)
 GROWING_OPS = ["FastGelu", "MultiHeadAttention"]
@@ -77,6 +78,7 @@ def test_manifest_records_graph_choices(bundles: dict[str, Path]) -> None:
         "int8-fast-prefill": "preallocated",
         "int8-block256": "preallocated",
         "fp16": "growing",
+        "fp16-preallocated": "preallocated",
     }
     assert graphs["fused"]["quantization"] is None
     quantization = graphs["int8"]["quantization"]
@@ -102,6 +104,7 @@ def test_validation_records_variant_tolerance_and_agreement(bundles: dict[str, P
         "int8-fast-prefill": ("int8", 0.15),
         "int8-block256": ("int8", 0.15),
         "fp16": ("float16", 2e-2),
+        "fp16-preallocated": ("float16", 2e-2),
     }
     for name, folder in bundles.items():
         validation = _manifest_data(folder)["validation"]
@@ -168,7 +171,7 @@ def test_fp32_greedy_equals_transformers(bundles: dict[str, Path], torch_model: 
     assert got == expected
 
 
-@pytest.mark.parametrize("variant", ["int8", "int8-fast-prefill", "int8-block256", "fp16"])
+@pytest.mark.parametrize("variant", ["int8", "int8-fast-prefill", "int8-block256", "fp16", "fp16-preallocated"])
 def test_reduced_precision_bundles_load_and_generate(bundles: dict[str, Path], torch_model: Any, variant: str) -> None:
     model = gpt2onnx.load(bundles[variant], provider="cpu")
     output = model.generate(input_ids=ROWS, max_new_tokens=5)
@@ -341,3 +344,6 @@ def test_preallocated_cache_is_written_in_place_up_to_its_fill(bundles: dict[str
     np.testing.assert_array_equal(picked.keys[0][2], buffer[0])
     with pytest.raises(ValueError, match="needs a preallocated cache of 11 positions, got 10"):
         session.forward(np.array([[5]]), np.ones((1, 11), np.int64), np.array([[10]]), session.empty_cache(1, 10))
+    growing = KVCache(list(picked.keys), list(picked.values))
+    with pytest.raises(ValueError, match=re.escape("keeps a preallocated cache: start from its empty_cache()")):
+        session.forward(np.array([[5], [7], [9]]), np.ones((3, 11), np.int64), np.full((3, 1), 10), growing)
