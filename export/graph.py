@@ -9,9 +9,9 @@ head_dim] that the runtime binds as both, and the graph writes the new positions
 the cache).
 
 Blocks come in two forms: standard ONNX ops (plain; growing cache, Concat), or onnxruntime's contrib ops (fused:
-FastGelu with the MLP bias; MultiHeadAttention with the QKV bias for a growing cache, GroupQueryAttention over the
-packed QKV for a preallocated one, the attention mask turned into an additive bias beside the op's own causal mask).
-The fused form can carry int8 weights: every projection
+FastGelu with the MLP bias; MultiHeadAttention for a growing cache, GroupQueryAttention over the packed QKV for a
+preallocated one, the attention mask turned into an additive bias beside the op's own causal mask). The QKV
+projection adds its own bias. The fused form can carry int8 weights: every projection
 becomes MatMulNBits (8 bits, symmetric blocks of block_size inputs, QUANT_BLOCK by default, along the input
 dimension, int8 activations at run time) with its bias folded in. Residual sums are Add + LayerNormalization: on
 onnxruntime's CPU provider that pair is faster than its SkipLayerNormalization (measured 0.19 vs 1.03 ms for 512
@@ -269,7 +269,7 @@ def _fused_activation(b: _Builder, x: str, bias: str | None, name: str) -> str:
     return _activation(b, b.op("Add", x, bias) if bias else x, name)
 
 
-Attend = Callable[[str, str | None, int, list[str]], str]
+Attend = Callable[[str, int, list[str]], str]  # (packed QKV with its bias, layer, present names) -> context
 
 
 def _growing_attention(b: _Builder, spec: GPT2Spec) -> Attend:
@@ -279,7 +279,7 @@ def _growing_attention(b: _Builder, spec: GPT2Spec) -> Attend:
     key_padding_mask = b.op("Cast", bundle.ATTENTION_MASK, to=b.TensorProto.INT32)
     split_sizes = b.const([E, E, E], np.int64)
 
-    def attend(qkv: str, qkv_bias: str | None, layer: int, presents: list[str]) -> str:
+    def attend(qkv: str, layer: int, presents: list[str]) -> str:
         q, k, v = (b.fresh(n) for n in "qkv")
         b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
         context = b.fresh("context")
@@ -288,7 +288,7 @@ def _growing_attention(b: _Builder, spec: GPT2Spec) -> Attend:
             q,
             k,
             v,
-            qkv_bias or "",
+            "",
             key_padding_mask,
             "",
             bundle.past_key_name(layer),
@@ -322,7 +322,7 @@ def _preallocated_attention(b: _Builder, spec: GPT2Spec) -> Attend:
     bias_shape = b.op("Concat", batch, b.const([1], int64), queries, total, axis=0)
     attention_bias = b.op("Expand", b.op("Unsqueeze", key_bias, b.const([1, 2], int64)), bias_shape)
 
-    def attend(qkv: str, qkv_bias: str | None, layer: int, presents: list[str]) -> str:
+    def attend(qkv: str, layer: int, presents: list[str]) -> str:
         context = b.fresh("context")
         b.op(
             "GroupQueryAttention",
@@ -373,13 +373,9 @@ def _fused_blocks(
     residual = hidden
     for layer in range(spec.n_layer):
         p = f"transformer.h.{layer}."
-        qkv_bias = w(p + "attn.c_attn.bias")
-        inner_bias = b.int8 or preallocated  # the bias goes into the projection, not into MultiHeadAttention
-        qkv = b.project(
-            normed, p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"], qkv_bias if inner_bias else None
-        )
+        qkv = b.project(normed, p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"], w(p + "attn.c_attn.bias"))
         presents = [bundle.present_key_name(layer) + present_suffix, bundle.present_value_name(layer) + present_suffix]
-        context = attend(qkv, None if inner_bias else qkv_bias, layer, presents)
+        context = attend(qkv, layer, presents)
         attention = b.project(
             context, p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"], w(p + "attn.c_proj.bias")
         )
