@@ -192,6 +192,31 @@ class BeamSearch:
         return found
 
 
+class CacheRows:
+    """Which KV cache row holds each beam. When a beam has several children, the first keeps its row and the others
+    take the rows of beams that had none, so only those rows are copied (about 1 row a step instead of 3 for five
+    beams): the cache's rows are a permutation of the beams, which stays within each prompt's group of rows."""
+
+    def __init__(self, count: int) -> None:
+        self.of_beam = np.arange(count)
+
+    def follow(self, parents: np.ndarray) -> np.ndarray:
+        """Assign rows to the new beams, children of `parents` (previous beam indices); returns the cache reorder
+        (new row r holds old row rows[r]) that puts every new beam's parent cache in its row."""
+        parent_rows = self.of_beam[parents]
+        _, first = np.unique(parent_rows, return_index=True)
+        keeps = np.zeros(len(parents), bool)
+        keeps[first] = True
+        # Rows no child keeps, ascending, and the other children, in beam order: both run group by group, and a
+        # group has as many of one as of the other, so every child lands in a row of its own prompt's group.
+        free = np.setdiff1d(np.arange(len(parents)), parent_rows[first], assume_unique=True)
+        self.of_beam = parent_rows.copy()
+        self.of_beam[~keeps] = free
+        rows = np.arange(len(parents))
+        rows[free] = parent_rows[~keeps]
+        return rows
+
+
 def beam_search(
     session: DecoderSession,
     prompts: PaddedBatch,
@@ -214,6 +239,8 @@ def beam_search(
     positions = position_ids_from_mask(beam_mask)[:, -1:]
     attention_mask = growing_mask(beam_mask, search.max_new_tokens)
     prompt_length = prompts.input_ids.shape[1]
+    cache_rows = CacheRows(len(rows))
+    fed = np.empty((len(rows), 1), np.int64)
     step = 0
     while True:
         log_probs = processors(search.running_sequences(step), log_softmax(logits))
@@ -221,8 +248,9 @@ def beam_search(
         step += 1
         if done:
             break
-        past = past.reorder(parents)  # copies only the rows of beams that moved
+        past = past.reorder(cache_rows.follow(parents))  # in place, copying only the rows given to new children
+        fed[cache_rows.of_beam, 0] = tokens  # positions and masks are the same for all beams of a prompt
         positions = positions + 1
-        logits, past = session.forward(tokens[:, None], attention_mask[:, : prompt_length + step], positions, past)
-        logits = logits[:, -1]
+        logits, past = session.forward(fed, attention_mask[:, : prompt_length + step], positions, past)
+        logits = logits[cache_rows.of_beam, -1]
     return BeamOutput(search.results(), step, prefill_seconds)

@@ -232,3 +232,29 @@ def test_top_k_matches_torch_and_breaks_ties_by_index() -> None:
     assert indices[0, :4].tolist() == [10, 20, 30, 40]
     assert indices[1, :2].tolist() == [7, 2999] and np.all(np.isneginf(found[1, 2:]))
     assert np.array_equal(top_k(values[:, :3], 10)[1], np.argsort(-values[:, :3], axis=1, kind="stable"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_cache_rows_put_every_beam_on_its_parents_cache_within_its_prompt(data: st.DataObject) -> None:
+    """Over several steps of random parents (each new beam continues a beam of its own prompt), the cache row of
+    every beam holds its parent's cache, rows never leave their prompt's group, and only rows given to a second
+    (third, ...) child of the same parent are copied."""
+    from gpt2onnx.runtime.beam_search import CacheRows
+
+    prompts, beams = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5))
+    count = prompts * beams
+    rows = CacheRows(count)
+    history = np.arange(count)  # what each cache row holds: the id of the beam lineage written there
+    lineage = np.arange(count)  # the lineage each beam continues
+    for _ in range(data.draw(st.integers(1, 6))):
+        local = data.draw(st.lists(st.integers(0, beams - 1), min_size=count, max_size=count))
+        parents = np.asarray(local) + np.repeat(np.arange(prompts), beams) * beams
+        reorder = rows.follow(parents)
+        copied = np.flatnonzero(reorder != np.arange(count))
+        assert len(copied) == count - len(np.unique(parents))
+        history = history[reorder]
+        lineage = lineage[parents]
+        assert sorted(rows.of_beam.tolist()) == list(range(count))
+        assert (rows.of_beam // beams == np.arange(count) // beams).all()
+        assert (history[rows.of_beam] == lineage).all()
