@@ -1,10 +1,14 @@
-"""Times one bundle's greedy decode: ms/token, Python overhead per step, first token after a long prompt, cold load.
+"""Times one bundle's decode: ms/token, Python overhead per step, first token after a long prompt, cold load.
 
     python benchmarks/profile_decode.py models/random-small [--runs 7] [--new-tokens 50] [--long-prompt 512]
+                                        [--num-beams 1]
+
+Greedy search by default; --num-beams B times beam search instead (B beams, all --new-tokens generated).
 
 Decode ms/token = (time for N new tokens - time for 1) / (N - 1), median of --runs runs after a warm-up.
 Python overhead per step = (decode wall time - time spent inside onnxruntime's run calls) / steps; and the same loop
-with the onnxruntime session replaced by a stub that returns fixed outputs at once (pure Python cost per step).
+with the onnxruntime session replaced by a stub that returns fixed outputs at once (pure Python cost per step; greedy
+only).
 Cold load = a fresh process that loads the bundle (hashes checked) and produces one token.
 """
 
@@ -47,12 +51,14 @@ class TimedSession:
         return timed
 
 
-def _generate_seconds(model: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """Wall seconds of one greedy generate call, and the seconds of it spent inside onnxruntime."""
+def _generate_seconds(model: Any, prompt: list[int], new_tokens: int, beams: int = 1) -> tuple[float, float]:
+    """Wall seconds of one generate call (greedy, or beam search with all new tokens), and the seconds of it spent
+    inside onnxruntime."""
     timed: TimedSession = model.session.session
     timed.seconds = 0.0
+    search = {"num_beams": beams, "min_new_tokens": new_tokens} if beams > 1 else {}
     start = time.perf_counter()
-    out = model.generate(input_ids=prompt, max_new_tokens=new_tokens)
+    out = model.generate(input_ids=prompt, max_new_tokens=new_tokens, **search)
     wall = time.perf_counter() - start
     assert len(out.results[0].sequences[0].generated_token_ids) == new_tokens
     return wall, timed.seconds
@@ -123,22 +129,24 @@ def cold_load_seconds(bundle: str, provider: str) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def profile(bundle: str, runs: int, new_tokens: int, long_prompt_tokens: int, provider: str) -> dict[str, Any]:
+def profile(
+    bundle: str, runs: int, new_tokens: int, long_prompt_tokens: int, provider: str, beams: int = 1
+) -> dict[str, Any]:
     import gpt2onnx
 
     model = gpt2onnx.load(bundle, provider=provider)
     model.session.session = TimedSession(model.session.session)
     long = long_prompt(long_prompt_tokens)
-    _generate_seconds(model, PROMPT, new_tokens)  # warm-up
+    _generate_seconds(model, PROMPT, new_tokens, beams)  # warm-up
     _generate_seconds(model, long, 1)
     decode, overhead, first_long = [], [], []
     for _ in range(runs):
-        one_wall, one_ort = _generate_seconds(model, PROMPT, 1)
-        many_wall, many_ort = _generate_seconds(model, PROMPT, new_tokens)
+        one_wall, one_ort = _generate_seconds(model, PROMPT, 1, beams)
+        many_wall, many_ort = _generate_seconds(model, PROMPT, new_tokens, beams)
         decode.append(decode_ms_per_token(one_wall, many_wall, new_tokens))
         overhead.append(decode_ms_per_token(one_wall - one_ort, many_wall - many_ort, new_tokens))
         first_long.append(_generate_seconds(model, long, 1)[0] * 1000)
-    stubbed = python_ms_per_step(model, new_tokens, runs)
+    stubbed = python_ms_per_step(model, new_tokens, runs) if beams == 1 else None
     cold = [cold_load_seconds(bundle, provider) for _ in range(3)]
     graph = model.manifest.data["graph"]
     return {
@@ -147,6 +155,7 @@ def profile(bundle: str, runs: int, new_tokens: int, long_prompt_tokens: int, pr
         "optimizations": graph.get("optimizations"),
         "quantization": graph.get("quantization"),
         "provider": model.provider,
+        "num_beams": beams,
         "decode_ms_per_token": statistics.median(decode),
         "python_overhead_ms_per_step": statistics.median(overhead),
         "python_ms_per_step_session_stubbed": stubbed,
@@ -163,9 +172,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=50)
     parser.add_argument("--long-prompt", type=int, default=512)
     parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default greedy)")
     args = parser.parse_args()
     for folder in args.bundles:
-        print(json.dumps(profile(folder, args.runs, args.new_tokens, args.long_prompt, args.provider)), flush=True)
+        result = profile(folder, args.runs, args.new_tokens, args.long_prompt, args.provider, args.num_beams)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,18 @@ def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
     assert profiled.returncode == 0, profiled.stderr[-3000:]
     assert "decode step, batch 1, past 40" in profiled.stdout and "prefill of 16 tokens" in profiled.stdout
     assert "MatMulNBits" in profiled.stdout and "GroupQueryAttention" in profiled.stdout
+
+    # The decode profile (wall time, Python overhead, stubbed loop), greedy and beam search.
+    decode = [sys.executable, str(REPO / "benchmarks" / "profile_decode.py"), str(tmp_path / "bundles" / "tiny-int8")]
+    for beams in (1, 3):
+        done = subprocess.run(
+            [*decode, "--runs", "2", "--new-tokens", "8", "--long-prompt", "16", "--num-beams", str(beams)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert report["num_beams"] == beams and report["decode_ms_per_token"] > 0
+        assert report["python_overhead_ms_per_step"] > 0 and report["first_token_after_16_ms"] > 0
+        assert (report["python_ms_per_step_session_stubbed"] is None) == (beams > 1)
