@@ -34,7 +34,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--quantize",
         choices=("int8",),
-        help="int8 weights (blocks of 128, int8 activations at run time) in the fused graph; for CPU, fp32 only",
+        help="int8 weights (blocks of --block-size inputs, int8 activations at run time) in the fused graph; for "
+        "CPU, fp32 only",
     )
     parser.add_argument(
         "--block-size",

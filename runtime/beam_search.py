@@ -93,8 +93,8 @@ class BeamSearch:
     def advance(self, log_probs: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """One step from processed log-probabilities [batch * beams, vocab].
 
-        Returns the rows of the current beams each new beam continues (to reorder the KV cache by), the new beams'
-        tokens (both [batch * beams]), and whether the search is over.
+        Returns the current beams each new beam continues (its parent, which CacheRows maps to a cache row), the new
+        beams' tokens (both [batch * beams]), and whether the search is over.
         """
         batch, beams, vocab = self.batch, self.beams, log_probs.shape[-1]
         cur_len = self.prompt_length + step
