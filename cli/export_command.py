@@ -41,8 +41,8 @@ def build_parser() -> ArgumentParser:
         "--block-size",
         type=int,
         choices=(32, 64, 128, 256),
-        help="with --quantize int8: inputs per weight scale (default 128); 256 decodes GPT-2 small about 10%% faster "
-        "here, 32 and 64 stay closer to fp32",
+        help="with --quantize int8: inputs per weight scale (default 128); 256 decodes GPT-2 small up to about 10%% "
+        "faster, 32 and 64 stay closer to fp32",
     )
     parser.add_argument(
         "--fast-prefill",
