@@ -9,7 +9,8 @@ Decode ms/token = (time for N new tokens - time for 1) / (N - 1), median of --ru
 Python overhead per step = (decode wall time - time spent inside onnxruntime's run calls) / steps; and the same loop
 with the onnxruntime session replaced by a stub that returns fixed outputs at once (pure Python cost per step; greedy
 only).
-Cold load = a fresh process that loads the bundle (hashes checked) and produces one token.
+Cold load = a fresh process that loads the bundle (hashes checked) and produces one token. Idle CPU = CPU time of
+this process during 0.5 s of sleep right after a generation.
 """
 
 from __future__ import annotations
@@ -102,20 +103,33 @@ class StubBinding:
 
 
 def python_ms_per_step(model: Any, new_tokens: int, runs: int) -> float:
-    """Per-step cost of the greedy loop itself: generate() with the session stubbed out (medians of `runs`)."""
+    """Per-step cost of the greedy loop itself: generate() with the session stubbed out, 1 and new_tokens tokens,
+    through the same ms/token formula as the real decode (medians of `runs`)."""
     session = model.session
     logits, past = session.forward([PROMPT], [[1] * len(PROMPT)], [list(range(len(PROMPT)))], session.empty_cache(1))
     real = session.session
     session.session = StubSession([logits, *[t for pair in zip(past.keys, past.values, strict=True) for t in pair]])
+
+    def seconds(tokens: int) -> float:
+        start = time.perf_counter()
+        model.generate(input_ids=PROMPT, max_new_tokens=tokens)
+        return time.perf_counter() - start
+
     try:
-        samples = []
-        for _ in range(runs + 1):
-            start = time.perf_counter()
-            model.generate(input_ids=PROMPT, max_new_tokens=new_tokens)
-            samples.append((time.perf_counter() - start) * 1000 / new_tokens)
+        seconds(new_tokens)  # warm-up
+        samples = [decode_ms_per_token(seconds(1), seconds(new_tokens), new_tokens) for _ in range(runs)]
     finally:
         session.session = real
-    return statistics.median(samples[1:])
+    return statistics.median(samples)
+
+
+def idle_cpu_ms(model: Any, seconds: float = 0.5) -> float:
+    """CPU milliseconds this process uses while idle for `seconds` right after a generation (onnxruntime's threads
+    must stop spinning when a run returns)."""
+    model.generate(input_ids=PROMPT, max_new_tokens=8)
+    start = time.process_time()
+    time.sleep(seconds)
+    return (time.process_time() - start) * 1000
 
 
 def cold_load_seconds(bundle: str, provider: str) -> float:
@@ -147,6 +161,7 @@ def profile(
         overhead.append(decode_ms_per_token(one_wall - one_ort, many_wall - many_ort, new_tokens))
         first_long.append(_generate_seconds(model, long, 1)[0] * 1000)
     stubbed = python_ms_per_step(model, new_tokens, runs) if beams == 1 else None
+    idle = idle_cpu_ms(model)
     cold = [cold_load_seconds(bundle, provider) for _ in range(3)]
     graph = model.manifest.data["graph"]
     return {
@@ -161,6 +176,7 @@ def profile(
         "python_ms_per_step_session_stubbed": stubbed,
         f"first_token_after_{long_prompt_tokens}_ms": statistics.median(first_long),
         "cold_load_and_first_token_s": statistics.median(cold),
+        "idle_cpu_ms_after_generate": idle,
         "runs": runs,
     }
 

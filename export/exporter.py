@@ -176,7 +176,7 @@ def resolve_kv_cache(kv_cache: str, dtype: str, optimize: bool) -> str:
     """'auto' -> preallocated for fused fp32/int8 graphs (CPU), growing for fp16 (CUDA) and standard-op graphs."""
     if kv_cache != "auto":
         return kv_cache
-    return "preallocated" if optimize and DTYPES.get(dtype) == "float32" else "growing"
+    return "preallocated" if optimize and DTYPES[dtype] == "float32" else "growing"
 
 
 def check_graph_options(
@@ -184,15 +184,15 @@ def check_graph_options(
     optimize: bool,
     quantize: str | None,
     fast_prefill: bool,
-    kv_cache: str = "auto",
-    block_size: int | None = None,
+    kv_cache: str,
+    block_size: int | None,
 ) -> None:
     """Raise InvalidInputError for a graph variant that cannot be built (named by its export-gpt2 flags)."""
     if dtype not in DTYPES:
         raise InvalidInputError(f"unsupported dtype {dtype!r}; choose fp32 or fp16")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise InvalidInputError(f"unsupported quantization {quantize!r}; choose {', '.join(QUANTIZATIONS)}")
-    if quantize is not None and dtype != "fp32":
+    if quantize is not None and DTYPES[dtype] != "float32":
         raise InvalidInputError(f"--quantize {quantize} applies to fp32 weights; drop --dtype {dtype}")
     if quantize is not None and not optimize:
         raise InvalidInputError(f"--quantize {quantize} builds on the fused graph; drop --no-optimize")

@@ -309,6 +309,11 @@ def _export_options(flags: list[str]) -> dict[str, Any]:
     return options
 
 
+def test_dtype_aliases_are_accepted_with_int8(tmp_path: Path) -> None:
+    folder = export_bundle(output=tmp_path / "b", random_init="tiny", dtype="float32", quantize="int8")
+    assert _manifest_data(folder)["graph"]["kv_cache"] == "preallocated"
+
+
 def test_unsupported_block_size_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=re.escape("unsupported block size 100; choose 32, 64, 128, 256")):
         export_bundle(output=tmp_path / "b", random_init="tiny", quantize="int8", block_size=100)

@@ -109,7 +109,13 @@ def test_stop_string_filter_emits_exactly_the_text_before_the_first_stop(text: s
     held = StopStringFilter(stops)
     emitted = "".join(held.push(text[start:end]) for start, end in itertools.pairwise(bounds))
     emitted += held.flush()
-    assert emitted == cut_at_stop(text, stops)[0]
+    first = min((text.find(stop) for stop in stops if stop in text), default=len(text))
+    assert emitted == text[:first]
+
+
+def test_cut_at_stop_cuts_at_the_earliest_stop_whatever_its_place_in_the_list() -> None:
+    assert cut_at_stop("one two three", ["three", "two"]) == ("one ", True)
+    assert cut_at_stop("one two", ["three"]) == ("one two", False)
 
 
 def test_stop_string_filter_holds_back_a_possible_start() -> None:
