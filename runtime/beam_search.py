@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .generation import PaddedBatch, ScoresProcessor, StoppingCriterion, growing_mask, is_eos, position_ids_from_mask
+from .generation import PaddedBatch, ScoresProcessor, StoppingCriterion, is_eos, prefill
 from .options import GenerationOptions
 from .processors import log_softmax, top_k
 from .search import Continuation, Sampler
@@ -225,22 +225,12 @@ def beam_search(
 ) -> BeamOutput:
     """Run a beam search to the end: the prompt once per prompt, then one forward pass of all beams per step."""
     start = time.perf_counter()
-    logits, past = session.forward(
-        prompts.input_ids,
-        prompts.attention_mask,
-        position_ids_from_mask(prompts.attention_mask),
-        session.empty_cache(prompts.input_ids.shape[0], capacity=prompts.input_ids.shape[1] + search.max_new_tokens),
-    )
+    begun = prefill(session, prompts, search.beams, search.max_new_tokens)
     prefill_seconds = time.perf_counter() - start
-    # Every beam of a prompt starts from the same prompt: compute it once and copy its cache to the beams.
-    rows = np.repeat(np.arange(prompts.input_ids.shape[0]), search.beams)
-    logits, past = logits[rows, -1], past.select(rows)
-    beam_mask = prompts.attention_mask[rows]
-    positions = position_ids_from_mask(beam_mask)[:, -1:]
-    attention_mask = growing_mask(beam_mask, search.max_new_tokens)
+    logits, past = begun.logits, begun.past
     prompt_length = prompts.input_ids.shape[1]
-    cache_rows = CacheRows(len(rows))
-    fed = np.empty((len(rows), 1), np.int64)
+    cache_rows = CacheRows(len(logits))
+    fed = np.empty((len(logits), 1), np.int64)
     step = 0
     while True:
         log_probs = processors(search.running_sequences(step), log_softmax(logits))
@@ -250,7 +240,7 @@ def beam_search(
             break
         past = past.reorder(cache_rows.follow(parents))  # in place, copying only the rows given to new children
         fed[cache_rows.of_beam, 0] = tokens  # positions and masks are the same for all beams of a prompt
-        positions = positions + 1
-        logits, past = session.forward(fed, attention_mask[:, : prompt_length + step], positions, past)
+        mask = begun.attention_mask[:, : prompt_length + step]
+        logits, past = session.forward(fed, mask, begun.next_positions[step - 1], past)
         logits = logits[cache_rows.of_beam, -1]
     return BeamOutput(search.results(), step, prefill_seconds)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .session import DecoderSession
+from .session import DecoderSession, KVCache
 
 TokenChooser = Callable[[np.ndarray], np.ndarray]
 ScoresProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -63,6 +63,30 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class Prefill:
+    """The prompts after their one pass through the model, copied to `repeat` rows each (return sequences, beams)."""
+
+    logits: np.ndarray  # [rows, vocab] at each row's last prompt position
+    past: KVCache
+    attention_mask: np.ndarray  # [rows, prompt + max_new_tokens]: step k attends [:, :prompt + k + 1]
+    next_positions: np.ndarray  # [max_new_tokens, rows, 1]: the position ids of step k's token, contiguous per step
+
+
+def prefill(session: DecoderSession, prompts: PaddedBatch, repeat: int, max_new_tokens: int) -> Prefill:
+    """Run each prompt once, then copy its logits and key/values to its `repeat` rows (rows of a prompt are
+    adjacent), with a cache of room for max_new_tokens more positions."""
+    batch_size, prompt_length = prompts.input_ids.shape
+    positions = position_ids_from_mask(prompts.attention_mask)
+    cache = session.empty_cache(batch_size, capacity=prompt_length + max_new_tokens)
+    logits, past = session.forward(prompts.input_ids, prompts.attention_mask, positions, cache)
+    rows = np.repeat(np.arange(batch_size), repeat)
+    if repeat > 1:
+        past = past.select(rows)
+    next_positions = (positions[rows, -1] + np.arange(1, max_new_tokens + 1)[:, None])[:, :, None]
+    return Prefill(logits[rows, -1], past, growing_mask(prompts.attention_mask[rows], max_new_tokens), next_positions)
+
+
+@dataclass
 class Step:
     """One decode step's outcome for the whole batch."""
 
@@ -73,7 +97,8 @@ class Step:
 
 def token_steps(
     session: DecoderSession,
-    batch: PaddedBatch,
+    prompts: PaddedBatch,
+    repeat: int,
     max_new_tokens: int,
     processors: ScoresProcessor,
     choose: TokenChooser,
@@ -81,23 +106,21 @@ def token_steps(
     pad_token_id: int,
     stopping: StoppingCriterion | None = None,
 ) -> Iterator[Step]:
-    """Yield one Step per generated token until every row has hit EOS (or `stopping`) or max_new_tokens is reached.
+    """Yield one Step per generated token for `repeat` rows per prompt (each prompt runs through the model once)
+    until every row has hit EOS (or `stopping`) or max_new_tokens is reached.
 
     Finished rows keep being fed the pad token with attention 1, exactly as transformers' generate does, so that
     every row's tokens equal what transformers produces for the same batch.
     """
-    batch_size, prompt_length = batch.input_ids.shape
+    prompt_length = prompts.input_ids.shape[1]
+    start = prefill(session, prompts, repeat, max_new_tokens)
+    logits, past, attention_mask = start.logits[:, None, :], start.past, start.attention_mask
+    batch_size = len(logits)
     sequences = np.empty((batch_size, prompt_length + max_new_tokens), dtype=np.int64)
-    sequences[:, :prompt_length] = batch.input_ids
-    attention_mask = growing_mask(batch.attention_mask, max_new_tokens)
-    positions = position_ids_from_mask(batch.attention_mask)
-    # Each step's position ids, [step, batch, 1]: one contiguous slice per step.
-    next_positions = (positions[:, -1] + np.arange(1, max_new_tokens + 1)[:, None])[:, :, None]
+    sequences[:, :prompt_length] = np.repeat(prompts.input_ids, repeat, axis=0)
     eos = np.asarray(list(eos_token_ids), dtype=np.int64)
     finished = np.zeros(batch_size, dtype=bool)
     any_finished = False
-    cache = session.empty_cache(batch_size, capacity=prompt_length + max_new_tokens)
-    logits, past = session.forward(batch.input_ids, batch.attention_mask, positions, cache)
     # Kept to few numpy calls per step: between two runs of the graph every call starts from cold caches.
     for step in range(max_new_tokens):
         length = prompt_length + step
@@ -116,4 +139,6 @@ def token_steps(
         yield Step(tokens, scores, finished)
         if step + 1 == max_new_tokens or (any_finished and finished.all()):
             return
-        logits, past = session.forward(tokens[:, None], attention_mask[:, : length + 1], next_positions[step], past)
+        logits, past = session.forward(
+            tokens[:, None], attention_mask[:, : length + 1], start.next_positions[step], past
+        )

@@ -164,7 +164,7 @@ class GPT2Model:
         logprobs: list[StepLogprobs] = []
         start = time.perf_counter()
         prefill_s = 0.0
-        for step in self._steps(batch.repeat(config.num_return_sequences), config):
+        for step in self._steps(batch, config, config.num_return_sequences):
             if not tokens:
                 prefill_s = time.perf_counter() - start
             tokens.append(step.tokens)
@@ -224,13 +224,15 @@ class GPT2Model:
         texts = self._tokenizer.token_strings(order.tolist()) if self._tokenizer else [None] * len(order)
         return [TokenProbability(int(i), text, float(probabilities[i])) for i, text in zip(order, texts, strict=True)]
 
-    def _steps(self, batch: PaddedBatch, config: GenerationOptions) -> Iterator[Step]:
+    def _steps(self, batch: PaddedBatch, config: GenerationOptions, repeat: int = 1) -> Iterator[Step]:
         prompt_length = batch.input_ids.shape[1]
-        processors = build_logits_processors(config, prompt_length, config.eos_token_ids, batch.pad_lengths())
+        pad_lengths = np.repeat(batch.pad_lengths(), repeat)
+        processors = build_logits_processors(config, prompt_length, config.eos_token_ids, pad_lengths)
         choose = Sampler(config.seed) if config.do_sample else greedy_choice
         return token_steps(
             self.session,
             batch,
+            repeat,
             config.max_new_tokens,
             processors,
             choose,

@@ -244,7 +244,7 @@ class DecoderSession:
             np.array(logits_to_keep, dtype=np.int64),
         ]
         if self.preallocated:
-            return self._forward_in_place(inputs, past)
+            return self._forward_in_place(inputs, logits_to_keep, past)
         if not self.device_cache:
             # On CPU, run() wraps the numpy inputs and returns numpy views of onnxruntime's outputs: no copies, and
             # fewer Python calls per step than binding 4 + 2 * n_layer inputs and outputs one by one.
@@ -267,7 +267,9 @@ class DecoderSession:
         logits, *present = binding.get_outputs()
         return logits.numpy(), KVCache(present[0::2], present[1::2], self._gather)
 
-    def _forward_in_place(self, inputs: list[np.ndarray], past: KVCache) -> tuple[np.ndarray, KVCache]:
+    def _forward_in_place(
+        self, inputs: list[np.ndarray], logits_to_keep: int, past: KVCache
+    ) -> tuple[np.ndarray, KVCache]:
         if past.filled is None:
             raise ValueError("this session keeps a preallocated cache: start from its empty_cache()")
         total, capacity = inputs[1].shape[1], past.keys[0].shape[2]
@@ -286,8 +288,8 @@ class DecoderSession:
             binding.bind_cpu_input(name, array)
         # The logits go straight into a new array of this step's shape (reading them back through get_outputs()
         # would wrap all 2 * n_layer + 1 outputs, ~23 us a step).
-        new_tokens, keep = inputs[0].shape[1], int(inputs[3])
-        shape = [len(inputs[0]), min(keep, new_tokens) or new_tokens, self.architecture.vocab_size]
+        new_tokens = inputs[0].shape[1]
+        shape = [len(inputs[0]), min(logits_to_keep, new_tokens) or new_tokens, self.architecture.vocab_size]
         logits = np.empty(shape, np.float32)
         binding.bind_output(bundle.LOGITS, "cpu", 0, np.float32, shape, logits.__array_interface__["data"][0])
         self.session.run_with_iobinding(binding)
