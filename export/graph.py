@@ -222,42 +222,32 @@ def _attention_allowed(b: _Builder) -> str:
     return b.op("And", padding, causal)
 
 
-def _plain_blocks(
-    b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray], w: Callable[[str], str], hidden: str
-) -> str:
-    """The transformer blocks in standard ONNX ops; returns the final layer norm's output."""
+Attend = Callable[[str, int, list[str]], str]  # (packed QKV with its bias, layer, present names) -> context
+
+
+def _plain_attention(b: _Builder, spec: GPT2Spec) -> Attend:
+    """Attention in standard ONNX ops: Concat for past + new, and a boolean causal + padding mask before Softmax."""
     allowed = _attention_allowed(b)
     int64 = np.int64
     H, D, E = spec.n_head, spec.head_dim, spec.n_embd
-    eps = spec.layer_norm_epsilon
     masked_value = b.const(np.finfo(b.np_dtype).min)
     heads_shape = b.const([0, 0, H, D], int64)
     merged_shape = b.const([0, 0, E], int64)
     split_sizes = b.const([E, E, E], int64)
-    for layer in range(spec.n_layer):
-        p = f"transformer.h.{layer}."
-        normed = _layer_norm(b, hidden, w(p + "ln_1.weight"), w(p + "ln_1.bias"), eps)
-        qkv = b.project(normed, p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"], w(p + "attn.c_attn.bias"))
+
+    def attend(qkv: str, layer: int, presents: list[str]) -> str:
         q, k, v = (b.fresh(n) for n in "qkv")
         b.op("Split", qkv, split_sizes, outputs=[q, k, v], axis=2)
         q, k, v = (b.op("Transpose", b.op("Reshape", t, heads_shape), perm=[0, 2, 1, 3]) for t in (q, k, v))
-        key = b.op("Concat", bundle.past_key_name(layer), k, outputs=[bundle.present_key_name(layer)], axis=2)
-        value = b.op("Concat", bundle.past_value_name(layer), v, outputs=[bundle.present_value_name(layer)], axis=2)
+        key = b.op("Concat", bundle.past_key_name(layer), k, outputs=[presents[0]], axis=2)
+        value = b.op("Concat", bundle.past_value_name(layer), v, outputs=[presents[1]], axis=2)
         scores = b.op(
             "Mul", b.op("MatMul", q, b.op("Transpose", key, perm=[0, 1, 3, 2])), b.const(spec.attention_scale(layer))
         )
         probs = b.op("Softmax", b.op("Where", allowed, scores, masked_value), axis=-1)
-        context = b.op("Reshape", b.op("Transpose", b.op("MatMul", probs, value), perm=[0, 2, 1, 3]), merged_shape)
-        attention = b.project(
-            context, p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"], w(p + "attn.c_proj.bias")
-        )
-        hidden = b.op("Add", hidden, attention)
-        normed = _layer_norm(b, hidden, w(p + "ln_2.weight"), w(p + "ln_2.bias"), eps)
-        fc = b.project(normed, p + "mlp.c_fc.weight", weights[p + "mlp.c_fc.weight"], w(p + "mlp.c_fc.bias"))
-        inner = _activation(b, fc, spec.activation)
-        mlp = b.project(inner, p + "mlp.c_proj.weight", weights[p + "mlp.c_proj.weight"], w(p + "mlp.c_proj.bias"))
-        hidden = b.op("Add", hidden, mlp)
-    return _layer_norm(b, hidden, w("transformer.ln_f.weight"), w("transformer.ln_f.bias"), eps)
+        return b.op("Reshape", b.op("Transpose", b.op("MatMul", probs, value), perm=[0, 2, 1, 3]), merged_shape)
+
+    return attend
 
 
 def _fused_activation(b: _Builder, x: str, bias: str | None, name: str) -> str:
@@ -267,9 +257,6 @@ def _fused_activation(b: _Builder, x: str, bias: str | None, name: str) -> str:
     if name == "gelu":
         return b.op("BiasGelu", x, bias, domain=CONTRIB) if bias else b.op("Gelu", x, domain=CONTRIB)
     return _activation(b, b.op("Add", x, bias) if bias else x, name)
-
-
-Attend = Callable[[str, int, list[str]], str]  # (packed QKV with its bias, layer, present names) -> context
 
 
 def _growing_attention(b: _Builder, spec: GPT2Spec) -> Attend:
@@ -354,21 +341,22 @@ def _residual_layer_norm(b: _Builder, x: str, residual: str, weight: str, bias: 
     return _layer_norm(b, total, weight, bias, eps), total
 
 
-def _fused_blocks(
+def _blocks(
     b: _Builder,
     spec: GPT2Spec,
     weights: dict[str, np.ndarray],
     w: Callable[[str], str],
     hidden: str,
-    preallocated: bool,
+    attend: Attend,
+    fused: bool,
     present_suffix: str = "",
 ) -> str:
-    """The blocks with onnxruntime contrib ops: GroupQueryAttention over a preallocated cache, or MultiHeadAttention
-    (growing past/present); FastGelu; projections through b.project (float, or int8 with the biases inside
-    MatMulNBits, where the MLP bias goes in place of FastGelu's). Returns the final layer norm's output; the present
-    key/values get the graph outputs' names plus present_suffix (inside an If branch, whose outputs the If renames)."""
+    """The transformer blocks, attention by `attend`; projections through b.project (float, or int8 with every bias
+    inside MatMulNBits). fused: the MLP activation is onnxruntime's FastGelu / BiasGelu, which takes the fc bias
+    unless the int8 projection holds it. Returns the final layer norm's output; the present key/values get the
+    graph outputs' names plus present_suffix (inside an If branch, whose outputs the If renames)."""
     eps = spec.layer_norm_epsilon
-    attend = _preallocated_attention(b, spec) if preallocated else _growing_attention(b, spec)
+    bias_in_activation = fused and not b.int8
     normed = _layer_norm(b, hidden, w("transformer.h.0.ln_1.weight"), w("transformer.h.0.ln_1.bias"), eps)
     residual = hidden
     for layer in range(spec.n_layer):
@@ -381,24 +369,23 @@ def _fused_blocks(
         )
         normed, residual = _residual_layer_norm(b, attention, residual, w(p + "ln_2.weight"), w(p + "ln_2.bias"), eps)
         fc_bias = w(p + "mlp.c_fc.bias")
-        fc = b.project(normed, p + "mlp.c_fc.weight", weights[p + "mlp.c_fc.weight"], fc_bias if b.int8 else None)
-        inner = _fused_activation(b, fc, None if b.int8 else fc_bias, spec.activation)
+        fc = b.project(
+            normed, p + "mlp.c_fc.weight", weights[p + "mlp.c_fc.weight"], None if bias_in_activation else fc_bias
+        )
+        if fused:
+            inner = _fused_activation(b, fc, fc_bias if bias_in_activation else None, spec.activation)
+        else:
+            inner = _activation(b, fc, spec.activation)
         mlp = b.project(inner, p + "mlp.c_proj.weight", weights[p + "mlp.c_proj.weight"], w(p + "mlp.c_proj.bias"))
         following = f"transformer.h.{layer + 1}.ln_1." if layer + 1 < spec.n_layer else "transformer.ln_f."
         normed, residual = _residual_layer_norm(b, mlp, residual, w(following + "weight"), w(following + "bias"), eps)
     return normed
 
 
-def _blocks_by_step_length(
-    b: _Builder,
-    spec: GPT2Spec,
-    weights: dict[str, np.ndarray],
-    w: Callable[[str], str],
-    hidden: str,
-    preallocated: bool,
-) -> str:
+def _blocks_by_step_length(b: _Builder, spec: GPT2Spec, blocks: Callable[[str], str]) -> str:
     """If the step has more than one new token (a prompt): the blocks over DynamicQuantizeMatMul; else (decoding)
-    over MatMulNBits. Returns the final layer norm's output; the If writes the present key/values."""
+    over MatMulNBits. blocks(present_suffix) builds them (see _blocks). Returns the final layer norm's output; the If
+    writes the present key/values."""
     seq_len = b.op("Squeeze", b.op("Shape", bundle.INPUT_IDS, start=1, end=2), b.const([0], np.int64))
     is_prompt = b.op("Greater", seq_len, b.const(1, np.int64))
     presents = bundle.io_names(spec.n_layer)[1][1:]  # present.{i}.key, present.{i}.value, ...
@@ -406,7 +393,7 @@ def _blocks_by_step_length(
     for label, columns in (("prompt", True), ("step", False)):
         suffix = f".{label}"
         with b.subgraph(int8_columns=columns) as nodes:
-            normed = _fused_blocks(b, spec, weights, w, hidden, preallocated, present_suffix=suffix)
+            normed = blocks(suffix)
         outputs = [normed, *(name + suffix for name in presents)]
         value_infos = [b.helper.make_tensor_value_info(name, b.onnx_dtype, None) for name in outputs]
         branches[label] = b.helper.make_graph(nodes, f"blocks_{label}", [], value_infos)
@@ -479,11 +466,16 @@ def build_graph(
     embedded, project_to_vocabulary = _embedding_and_head(b, spec, weights)
     hidden = b.op("Add", embedded, b.op("Gather", w("transformer.wpe.weight"), bundle.POSITION_IDS))
     preallocated = kv_cache == "preallocated"
-    if fused:
-        blocks = _blocks_by_step_length if fast_prefill else _fused_blocks
-        hidden = blocks(b, spec, weights, w, hidden, preallocated)
+    # The attention's mask inputs are built here, once, outside any If branch.
+    if not fused:
+        attend = _plain_attention(b, spec)
     else:
-        hidden = _plain_blocks(b, spec, weights, w, hidden)
+        attend = _preallocated_attention(b, spec) if preallocated else _growing_attention(b, spec)
+
+    def blocks(present_suffix: str = "") -> str:
+        return _blocks(b, spec, weights, w, hidden, attend, fused, present_suffix)
+
+    hidden = _blocks_by_step_length(b, spec, blocks) if fast_prefill else blocks()
     # Keep only the last `logits_to_keep` positions (0 keeps all) before the vocabulary projection.
     start = b.op("Unsqueeze", b.op("Neg", bundle.LOGITS_TO_KEEP), b.const([0], int64))
     kept = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max], int64), b.const([1], int64))
