@@ -8,11 +8,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from gpt2onnx.runtime.errors import BundleError, ExportError, InvalidInputError, ProviderError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 USAGE_ERRORS = (InvalidInputError, BundleError, ProviderError)
+DEFAULT_BUNDLE = "models/gpt2"
+PROVIDERS = ("auto", "cpu", "cuda")  # runtime.session's choices, kept here so that parsing does not load onnxruntime
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -20,6 +23,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def add_bundle_arguments(parser: argparse.ArgumentParser, runtime: Any, threads_help: str) -> None:
+    """--model (on the parser), and --provider, --threads, --no-verify (on `runtime`, a group or the parser)."""
+    parser.add_argument("--model", default=DEFAULT_BUNDLE, help=f"bundle folder (default: {DEFAULT_BUNDLE})")
+    runtime.add_argument("--provider", choices=PROVIDERS, default="auto", help="execution provider")
+    runtime.add_argument("--threads", type=positive_int, help=threads_help)
+    runtime.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+
+
+def load_bundle(args: argparse.Namespace, threads: int | None) -> Any:
+    """gpt2onnx.load with the options add_bundle_arguments defined."""
+    import gpt2onnx
+
+    return gpt2onnx.load(args.model, provider=args.provider, verify_hashes=not args.no_verify, threads=threads)
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:

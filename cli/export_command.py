@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from gpt2onnx import __version__
+from gpt2onnx.export.graph import QUANT_BLOCK, QUANT_BLOCKS
+from gpt2onnx.runtime.bundle import KV_CACHES
 
 from .common import ArgumentParser, non_negative_int, run_command
 
@@ -40,9 +42,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--block-size",
         type=int,
-        choices=(32, 64, 128, 256),
-        help="with --quantize int8: inputs per weight scale (default 128); 256 decodes GPT-2 small up to about 10%% "
-        "faster, 32 and 64 stay closer to fp32",
+        choices=QUANT_BLOCKS,
+        help=f"with --quantize int8: inputs per weight scale (default {QUANT_BLOCK}); 256 decodes GPT-2 small up to "
+        "about 10%% faster, 32 and 64 stay closer to fp32",
     )
     parser.add_argument(
         "--fast-prefill",
@@ -52,7 +54,7 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--kv-cache",
-        choices=("auto", "preallocated", "growing"),
+        choices=("auto", *KV_CACHES),
         default="auto",
         help="preallocated: the fused graph updates one key/value buffer in place (GroupQueryAttention; no per-step "
         "cache copy; CPU provider only); growing: each step returns past + new positions (MultiHeadAttention; runs on "

@@ -10,10 +10,17 @@ from typing import Any
 
 from gpt2onnx import __version__
 
-from .common import ArgumentParser, finite_float, non_negative_int, positive_int, run_command
+from .common import (
+    ArgumentParser,
+    add_bundle_arguments,
+    finite_float,
+    load_bundle,
+    non_negative_int,
+    positive_int,
+    run_command,
+)
 
 PROG = "gpt2-generate"
-DEFAULT_BUNDLE = "models/gpt2"
 
 
 def _token_list(text: str) -> list[int]:
@@ -36,7 +43,8 @@ def build_parser() -> ArgumentParser:
         description="Generate text with a GPT-2 bundle written by export-gpt2 (no PyTorch needed).",
     )
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several prompts form a batch")
-    parser.add_argument("--model", default=DEFAULT_BUNDLE, help=f"bundle folder (default: {DEFAULT_BUNDLE})")
+    runtime = parser.add_argument_group("runtime")
+    add_bundle_arguments(parser, runtime, threads_help="CPU threads (default: physical cores)")
     parser.add_argument(
         "--input-ids",
         type=_token_list,
@@ -68,10 +76,6 @@ def build_parser() -> ArgumentParser:
     generation.add_argument("--no-repeat-ngram-size", type=non_negative_int, help="forbid repeated n-grams (size)")
     generation.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
     generation.add_argument("--seed", type=non_negative_int, help="random seed for sampling (reproducible runs)")
-    runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
-    runtime.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
-    runtime.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     output = parser.add_argument_group("output")
     output.add_argument("--stream", action="store_true", help="print text as it is generated")
     output.add_argument("--json", action="store_true", help="print one JSON object (see README)")
@@ -138,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_combinations(parser, args)
 
     def body() -> int:
-        import gpt2onnx
-
-        model = gpt2onnx.load(
-            args.model, provider=args.provider, verify_hashes=not args.no_verify, threads=args.threads
-        )
+        model = load_bundle(args, args.threads)
         options = generation_options(args)
         model.options(**options)  # checked with the bundle's defaults before anything is printed
         prompt = None if args.input_ids else (args.prompts[0] if len(args.prompts) == 1 else args.prompts)

@@ -7,10 +7,18 @@ import signal
 import sys
 
 from gpt2onnx import __version__
-from gpt2onnx.cli.common import EXIT_FAILURE, EXIT_OK, ArgumentParser, non_negative_int, positive_int, run_command
+from gpt2onnx.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    ArgumentParser,
+    add_bundle_arguments,
+    load_bundle,
+    non_negative_int,
+    positive_int,
+    run_command,
+)
 
 PROG = "gpt2-serve"
-DEFAULT_BUNDLE = "models/gpt2"
 
 
 def build_parser() -> ArgumentParser:
@@ -18,21 +26,18 @@ def build_parser() -> ArgumentParser:
         prog=PROG,
         description="Serve a GPT-2 bundle over HTTP with OpenAI's /v1/completions API (no PyTorch needed).",
     )
-    parser.add_argument("--model", default=DEFAULT_BUNDLE, help=f"bundle folder (default: {DEFAULT_BUNDLE})")
+    add_bundle_arguments(
+        parser, parser, threads_help="CPU threads per generation (default: physical cores / workers, min. 1)"
+    )
     parser.add_argument(
         "--model-name", help="model id the API shows and accepts (default: the bundle's source model, e.g. gpt2)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
-    parser.add_argument(
-        "--threads", type=positive_int, help="CPU threads per generation (default: physical cores / workers, min. 1)"
-    )
     parser.add_argument("--workers", type=positive_int, default=1, help="generations run at once (default: 1)")
     parser.add_argument(
         "--queue-size", type=non_negative_int, default=8, help="requests that may wait for a worker; more get 503"
     )
-    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     parser.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="uvicorn's"
     )
@@ -67,14 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as error:
             print(f"{PROG}: error: {error}; install the serve extra: pip install 'gpt2-onnx[serve]'", file=sys.stderr)
             return EXIT_FAILURE
-        import gpt2onnx
-
-        model = gpt2onnx.load(
-            args.model,
-            provider=args.provider,
-            verify_hashes=not args.no_verify,
-            threads=args.threads or threads_per_worker(args.workers),
-        )
+        model = load_bundle(args, args.threads or threads_per_worker(args.workers))
         app = create_app(model, workers=args.workers, queue_size=args.queue_size, model_id=args.model_name)
         if not is_loopback(args.host):
             print(
