@@ -63,7 +63,7 @@ class BeamSearch:
         self.stopping = stopping
         self.sampler = Sampler(options.seed) if options.do_sample else None
         self.top = options.top_logprobs
-        self.record = options.output_scores or self.top > 0
+        self.record = options.records_logprobs
         total = self.prompt_length + self.max_new_tokens
         sequences = np.zeros((self.batch, self.beams, total), dtype=np.int64)
         sequences[:, :, : self.prompt_length] = prompts.input_ids[:, None, :]
@@ -119,8 +119,8 @@ class BeamSearch:
                 candidates[name][:, :, step] = array
         stopped = is_eos(tokens, self.eos)
         if self.stopping is not None:
-            ids = candidates["sequences"][:, :, : cur_len + 1].reshape(batch * self.keep, -1)
-            stopped |= self.stopping(ids).reshape(batch, self.keep)
+            ids = candidates["sequences"].reshape(batch * self.keep, -1)  # a view: _gather made it contiguous
+            stopped |= self.stopping(ids, cur_len + 1, np.arange(batch * self.keep)).reshape(batch, self.keep)
         ends = stopped | (cur_len + 1 >= self.prompt_length + self.max_new_tokens)
 
         # Continue with the best num_beams candidates that did not just end.

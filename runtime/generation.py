@@ -11,7 +11,8 @@ from .session import DecoderSession, KVCache
 
 TokenChooser = Callable[[np.ndarray], np.ndarray]
 ScoresProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
-StoppingCriterion = Callable[[np.ndarray], np.ndarray]  # sequences [rows, length] -> bool [rows]: stop these rows
+# (sequences [rows, capacity], columns written, the rows to check) -> bool per checked row: stop these rows
+StoppingCriterion = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -134,7 +135,7 @@ def token_steps(
         finished = finished | is_eos(tokens, eos)  # a new array: the Steps already yielded keep theirs
         if stopping is not None:
             active = np.flatnonzero(~finished)
-            finished[active] |= stopping(sequences[active, : length + 1])
+            finished[active] |= stopping(sequences, length + 1, active)
         any_finished = bool(finished.any())
         yield Step(tokens, scores, finished)
         if step + 1 == max_new_tokens or (any_finished and finished.all()):

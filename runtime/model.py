@@ -158,7 +158,6 @@ class GPT2Model:
 
     def _sample(self, batch: PaddedBatch, config: GenerationOptions) -> tuple[list[Continuation], int, float]:
         """Greedy search or sampling: num_return_sequences rows per prompt, one token per row and step."""
-        record = config.output_scores or config.top_logprobs > 0
         tokens: list[np.ndarray] = []
         finished: list[np.ndarray] = []
         logprobs: list[StepLogprobs] = []
@@ -169,7 +168,7 @@ class GPT2Model:
                 prefill_s = time.perf_counter() - start
             tokens.append(step.tokens)
             finished.append(step.finished)
-            if record:
+            if config.records_logprobs:
                 logprobs.append(step_logprobs(step.scores, step.tokens, config.top_logprobs))
         return row_continuations(tokens, finished, logprobs), len(tokens), prefill_s
 

@@ -126,6 +126,11 @@ class GenerationOptions:
             return ()
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
+    @property
+    def records_logprobs(self) -> bool:
+        """Whether each step's log-probabilities are kept (output_scores, or top_logprobs alternatives asked for)."""
+        return self.output_scores or self.top_logprobs > 0
+
 
 def _tuple_of(value: Any, name: str, expected: str) -> tuple:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

@@ -28,10 +28,11 @@ class StopStringCriterion:
         self.prompt_length = prompt_length
         self.window = max(len(stop.encode("utf-8")) for stop in self.stops)
 
-    def __call__(self, sequences: np.ndarray) -> np.ndarray:
-        """sequences [rows, length] (prompt included) -> bool [rows]."""
-        start = max(self.prompt_length, sequences.shape[1] - self.window)
-        tails = sequences[:, start:].tolist()
+    def __call__(self, sequences: np.ndarray, length: int, rows: np.ndarray) -> np.ndarray:
+        """Whether each of `rows` of sequences [all rows, capacity] (prompt included), whose first `length` columns
+        are written, now ends in a stop string -> bool [len(rows)]. Only the window's columns are read."""
+        start = max(self.prompt_length, length - self.window)
+        tails = sequences[rows, start:length].tolist()
         return np.array(
             [
                 any(stop in self.tokenizer.decode(tail, skip_special_tokens=True) for stop in self.stops)

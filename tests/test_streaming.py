@@ -136,7 +136,8 @@ def test_stop_criterion_fires_at_the_token_that_completes_the_stop_string(tokeni
     stop = text[start : start + data.draw(st.integers(1, 4))]
     tokens = [17, *tokenizer.encode(text)]  # a one-token prompt, left out of the search
     criterion = StopStringCriterion(tokenizer, [stop], prompt_length=1)
-    fired = [bool(criterion(np.array([tokens[:end]]))[0]) for end in range(2, len(tokens) + 1)]
+    row = np.array([tokens + tokenizer.encode(stop)])  # columns past `end` (here: the stop itself) are not read
+    fired = [bool(criterion(row, end, np.array([0]))[0]) for end in range(2, len(tokens) + 1)]
     expected = [stop in tokenizer.decode(tokens[1:end]) for end in range(2, len(tokens) + 1)]
     assert fired.index(True) == expected.index(True)
 
