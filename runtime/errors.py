@@ -8,7 +8,12 @@ class GPT2OnnxError(Exception):
 
 
 class InvalidInputError(GPT2OnnxError, ValueError):
-    """A prompt, token id or generation option is not acceptable (CLI exit code 2)."""
+    """A prompt, token id or generation option is not acceptable (CLI exit code 2). `option` names the generation
+    option the message is about, when it is about one (the server reports it under its own field name)."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class BundleError(GPT2OnnxError):

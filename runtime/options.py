@@ -78,7 +78,8 @@ class GenerationOptions:
         _int(self.min_new_tokens, "min_new_tokens", 0)
         if self.min_new_tokens > self.max_new_tokens:
             raise InvalidInputError(
-                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})",
+                option="min_new_tokens",
             )
         _bool(self.do_sample, "do_sample")
         _bool(self.output_scores, "output_scores")
@@ -93,27 +94,31 @@ class GenerationOptions:
         _int(self.num_beams, "num_beams", 1)
         _float(self.length_penalty, "length_penalty")
         if not any(self.early_stopping is value for value in EARLY_STOPPING_VALUES):
-            raise InvalidInputError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+            raise InvalidInputError(
+                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}", option="early_stopping"
+            )
         _int(self.num_return_sequences, "num_return_sequences", 1)
         if self.num_return_sequences > self.num_beams and self.num_beams > 1:
             raise InvalidInputError(
-                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams})"
+                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams})",
+                option="num_return_sequences",
             )
         if self.num_return_sequences > 1 and self.num_beams == 1 and not self.do_sample:
             raise InvalidInputError(
                 f"num_return_sequences ({self.num_return_sequences}) > 1 needs do_sample=True or num_beams >= "
-                f"{self.num_return_sequences}: greedy search has only one answer"
+                f"{self.num_return_sequences}: greedy search has only one answer",
+                option="num_return_sequences",
             )
         if self.seed is not None:
             _int(self.seed, "seed", 0)
         _int(self.top_logprobs, "top_logprobs", 0)
         for text in self.stop:
             if not isinstance(text, str) or not text:
-                raise InvalidInputError(f"stop strings must be non-empty strings, got {text!r}")
+                raise InvalidInputError(f"stop strings must be non-empty strings, got {text!r}", option="stop")
         token_ids = [*self.eos_token_ids, *([] if self.pad_token_id is None else [self.pad_token_id])]
         for words in self.bad_words_ids or ():
             if not words:
-                raise InvalidInputError("bad_words_ids must not contain an empty sequence")
+                raise InvalidInputError("bad_words_ids must not contain an empty sequence", option="bad_words_ids")
             token_ids.extend(words)
         for token in token_ids:
             _int(token, "token id", 0)
@@ -134,29 +139,29 @@ class GenerationOptions:
 
 def _tuple_of(value: Any, name: str, expected: str) -> tuple:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise InvalidInputError(f"{name} must be {expected}, got {value!r}")
+        raise InvalidInputError(f"{name} must be {expected}, got {value!r}", option=name)
     return tuple(value)
 
 
 def _int(value: Any, name: str, low: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}", option=name)
     if low is not None and value < low:
-        raise InvalidInputError(f"{name} must be >= {low}, got {value}")
+        raise InvalidInputError(f"{name} must be >= {low}, got {value}", option=name)
 
 
 def _bool(value: Any, name: str) -> None:
     if not isinstance(value, bool):
-        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+        raise InvalidInputError(f"{name} must be True or False, got {value!r}", option=name)
 
 
 def _float(value: Any, name: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r}", option=name)
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"
         raise InvalidInputError(
-            f"{name} must be {bound}" + (f" and <= {high}" if high is not None else "") + f", got {value}"
+            f"{name} must be {bound}" + (f" and <= {high}" if high is not None else "") + f", got {value}", option=name
         )
     if high is not None and value > high:
-        raise InvalidInputError(f"{name} must be <= {high}, got {value}")
+        raise InvalidInputError(f"{name} must be <= {high}, got {value}", option=name)

@@ -162,12 +162,10 @@ def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
 
 def option_error(error: InvalidInputError) -> RequestError:
     """A generate() option error told in the request's own field names ('max_new_tokens ...' -> 'max_tokens ...')."""
-    message = str(error)
-    option = message.split(" ", 1)[0]
-    field_name = FIELD_OF_OPTION.get(option)
-    if field_name is None:
+    message, field_name = str(error), FIELD_OF_OPTION.get(error.option or "")
+    if field_name is None or error.option is None:
         return RequestError(message)
-    return RequestError(field_name + message[len(option) :], param=field_name)
+    return RequestError(message.replace(error.option, field_name, 1), param=field_name)
 
 
 def _field(body: dict[str, Any], name: str, default: Any) -> Any:

@@ -187,3 +187,20 @@ def test_random_command_lines_give_results_or_exit_2(tiny_gpt2: RandomGPT2, word
     assert code in (0, 2), stderr
     if code == 2:
         assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": "5"}, "max_new_tokens"),
+        ({"min_new_tokens": 9, "max_new_tokens": 3}, "min_new_tokens"),
+        ({"num_return_sequences": 2}, "num_return_sequences"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
+def test_option_errors_name_their_option(options: dict, option: str) -> None:
+    """The server reports an option error under its own field name, from this attribute (not from the wording)."""
+    with pytest.raises(gpt2onnx.InvalidInputError) as caught:
+        gpt2onnx.GenerationOptions.create({}, **options)
+    assert caught.value.option == option and str(caught.value).startswith(option)
