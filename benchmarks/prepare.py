@@ -1,6 +1,6 @@
 """Conversion steps the harness runs under a chosen interpreter (the main venv, or a peer's venv).
 
-python benchmarks/prepare.py checkpoint --out DIR --n-layer 12 --n-head 12 --n-embd 768 --seed 0 --tokenizer DIR
+python benchmarks/prepare.py checkpoint --out DIR --shape small --seed 0 --tokenizer DIR
 python benchmarks/prepare.py ort-int8 --source model.onnx --out model.onnx --n-head 12 --n-embd 768
 """
 
@@ -11,18 +11,14 @@ import shutil
 import sys
 from pathlib import Path
 
-VOCAB_SIZE = 50257
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 
 
-def make_checkpoint(out: Path, n_layer: int, n_head: int, n_embd: int, seed: int, tokenizer: Path) -> None:
-    """A GPT-2 of this shape with seeded random weights, saved with the real GPT-2 tokenizer files beside it."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+def make_checkpoint(out: Path, shape: str, seed: int, tokenizer: Path) -> None:
+    """export-gpt2 --random-init's seeded random GPT-2 of this shape, saved with the real GPT-2 tokenizer files."""
+    from gpt2onnx.export.checkpoint import random_checkpoint
 
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=VOCAB_SIZE))
-    model.eval().save_pretrained(out)
+    random_checkpoint(shape, seed).model.save_pretrained(out)
     for name in TOKENIZER_FILES:  # CTranslate2's converter and optimum's exporter look for a tokenizer here
         shutil.copyfile(tokenizer / name, out / name)
 
@@ -48,18 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     steps = parser.add_subparsers(dest="step", required=True)
     checkpoint = steps.add_parser("checkpoint")
     checkpoint.add_argument("--out", type=Path, required=True)
-    checkpoint.add_argument("--n-layer", type=int, required=True)
+    checkpoint.add_argument("--shape", required=True, help="a shape of export-gpt2 --random-init")
     checkpoint.add_argument("--seed", type=int, required=True)
     checkpoint.add_argument("--tokenizer", type=Path, required=True)
     quantize = steps.add_parser("ort-int8")
     quantize.add_argument("--source", type=Path, required=True)
     quantize.add_argument("--out", type=Path, required=True)
-    for step in (checkpoint, quantize):
-        step.add_argument("--n-head", type=int, required=True)
-        step.add_argument("--n-embd", type=int, required=True)
+    quantize.add_argument("--n-head", type=int, required=True)
+    quantize.add_argument("--n-embd", type=int, required=True)
     args = parser.parse_args(argv)
     if args.step == "checkpoint":
-        make_checkpoint(args.out, args.n_layer, args.n_head, args.n_embd, args.seed, args.tokenizer)
+        make_checkpoint(args.out, args.shape, args.seed, args.tokenizer)
     else:
         ort_int8(args.source, args.out, args.n_head, args.n_embd)
     return 0

@@ -7,6 +7,7 @@ harness reports it in the table instead of stopping.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gpt2onnx.export.checkpoint import RANDOM_SHAPES
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -37,7 +40,7 @@ class Shape:
     n_embd: int
 
 
-SHAPES = {"small": Shape("small", 12, 12, 768), "tiny": Shape("tiny", 2, 2, 64)}
+SHAPES = {name: Shape(name, **sizes) for name, sizes in RANDOM_SHAPES.items()}  # export-gpt2 --random-init's
 
 
 @dataclass(frozen=True)
@@ -161,8 +164,7 @@ class Workspace:
         for name in ("vocab.json", "merges.txt", "tokenizer.json"):
             if not (self.tokenizer / name).is_file():
                 raise Unavailable(f"tokenizer file {self.tokenizer / name} not found (pass --tokenizer DIR)")
-        sizes = ["--n-layer", str(shape.n_layer), "--n-head", str(shape.n_head), "--n-embd", str(shape.n_embd)]
-        arguments = [*sizes, "--seed", str(self.seed), "--tokenizer", str(self.tokenizer)]
+        arguments = ["--shape", shape.name, "--seed", str(self.seed), "--tokenizer", str(self.tokenizer)]
 
         def build(path: Path) -> None:
             command = [sys.executable, str(PREPARE), "checkpoint", "--out", str(path), *arguments]
@@ -276,6 +278,7 @@ def genai_config(shape: Shape, threads: int) -> dict[str, Any]:
     }
 
 
+@functools.cache
 def exporter_fingerprint() -> str:
     """sha256 of the installed exporter's sources and the bundle format, so a changed exporter re-exports."""
     digest = hashlib.sha256()
