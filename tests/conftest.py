@@ -159,3 +159,13 @@ def run_generate(argv: list[str]) -> tuple[int, str, str]:
         except SystemExit as exit_:
             code = exit_.code
     return code, stdout.getvalue(), stderr.getvalue()
+
+
+def middle_piece(text: str, length: int = 3) -> str:
+    """A substring of text, from the middle if it can, that does not occur earlier in it nor end near its end."""
+    last = len(text) - length - 8
+    for start in [*range(len(text) // 2, last), *range(1, len(text) // 2)]:
+        piece = text[start : start + length]
+        if text.find(piece) == start and "\ufffd" not in piece:
+            return piece
+    raise AssertionError(f"no usable stop string in {text!r}")

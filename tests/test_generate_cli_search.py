@@ -7,7 +7,7 @@ import json
 import pytest
 
 import gpt2onnx
-from conftest import RandomGPT2, run_generate
+from conftest import RandomGPT2, middle_piece, run_generate
 from gpt2onnx.cli.generate_command import build_parser, generation_options
 
 PROMPTS = ["Café 🎉 and", "Hello"]
@@ -60,7 +60,7 @@ def test_each_option_reaches_generate(tiny_gpt2: RandomGPT2, arguments: list, op
 def test_stream_with_sampling_and_a_stop_string(tiny_gpt2: RandomGPT2) -> None:
     model = gpt2onnx.load(tiny_gpt2.bundle, provider="cpu")
     free = model.generate(PROMPTS[0], max_new_tokens=30, do_sample=True, seed=2).text
-    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    stop = middle_piece(free, 2)
     arguments = [PROMPTS[0], "--model", str(tiny_gpt2.bundle), "--max-new-tokens", "30", "--do-sample"]
     code, out, err = run_generate([*arguments, "--seed", "2", "--stop", stop, "--stream"])
     assert code == 0, err

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpt2onnx
-from conftest import RandomGPT2
+from conftest import RandomGPT2, middle_piece
 from gpt2onnx.runtime.model import GPT2Model
 from gpt2onnx.runtime.stop_strings import StopStringCriterion, StopStringFilter, cut_at_stop
 from gpt2onnx.runtime.tokenizer import Tokenizer
@@ -49,16 +49,6 @@ def test_stream_takes_input_ids_and_refuses_beams_at_the_call(model: GPT2Model) 
     for batch in ({"prompt": ["a", "b"]}, {"input_ids": [[1], [2]]}):
         with pytest.raises(gpt2onnx.InvalidInputError, match="not a batch"):
             model.stream(**batch)
-
-
-def middle_piece(text: str, length: int = 3) -> str:
-    """A substring of text, from the middle if it can, that does not occur earlier in it nor end near its end."""
-    last = len(text) - length - 8
-    for start in [*range(len(text) // 2, last), *range(1, len(text) // 2)]:
-        piece = text[start : start + length]
-        if text.find(piece) == start and "\ufffd" not in piece:
-            return piece
-    raise AssertionError(f"no usable stop string in {text!r}")
 
 
 @pytest.mark.parametrize("options", SAMPLING)
