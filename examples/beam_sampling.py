@@ -22,4 +22,4 @@ for sequence in beams.sequences:
 
 sampled = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, num_beams=5, do_sample=True, seed=args.seed)
 print("beam sampling (num_beams=5, do_sample=True):")
-print(sampled.results[0].sequences[0].text)
+print(sampled.sequences[0].text)

@@ -18,7 +18,7 @@ output = model.generate(args.prompt, max_new_tokens=args.max_new_tokens)
 print(output.results[0].sequences[0].text)
 print(f"({output.timing.tokens_generated} tokens, {output.timing.decode_ms_per_token:.1f} ms/token)")
 
-print("streamed:", end=" ")
+print("streamed:", args.prompt, end="", flush=True)
 for piece in model.stream(args.prompt, max_new_tokens=args.max_new_tokens):
     print(piece, end="", flush=True)
 print()
