@@ -31,7 +31,6 @@ from typing import Any
 from report import MODES, markdown, summarize
 from systems import (
     BENCHMARKS,
-    REPO,
     SHAPES,
     SMOKE_SYSTEMS,
     SYSTEMS,
@@ -42,6 +41,8 @@ from systems import (
     physical_cores,
 )
 from workload import PROMPT, long_prompt
+
+from gpt2onnx.runtime.tokenizer import GPT2_TOKENIZER
 
 WORKER = BENCHMARKS / "worker.py"
 
@@ -255,7 +256,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="models, logs and runs (default benchmarks/work)")
     parser.add_argument("--venvs", type=Path, default=BENCHMARKS / ".venvs", help="peer venvs (default %(default)s)")
     parser.add_argument(
-        "--tokenizer", type=Path, default=REPO.parent / "shared" / "gpt2-tokenizer", help="GPT-2 tokenizer files"
+        "--tokenizer",
+        type=Path,
+        default=GPT2_TOKENIZER,
+        help="the tokenizer.json given to every system (default: the GPT-2 tokenizer shipped with gpt2onnx)",
     )
     parser.add_argument("--setup-only", action="store_true", help="make the venvs and models ready, measure nothing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")

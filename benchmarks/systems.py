@@ -161,9 +161,8 @@ class Workspace:
     def checkpoint(self) -> Path:
         """The seeded random GPT-2 every system loads (or converts), with the GPT-2 tokenizer files beside it."""
         shape = self.shape
-        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
-            if not (self.tokenizer / name).is_file():
-                raise Unavailable(f"tokenizer file {self.tokenizer / name} not found (pass --tokenizer DIR)")
+        if not self.tokenizer.is_file():
+            raise Unavailable(f"tokenizer file {self.tokenizer} not found (pass --tokenizer FILE)")
         arguments = ["--shape", shape.name, "--seed", str(self.seed), "--tokenizer", str(self.tokenizer)]
 
         def build(path: Path) -> None:
@@ -180,7 +179,7 @@ class Workspace:
         recipe = json.dumps({"flags": flags, "exporter": exporter_fingerprint()})
 
         def build(path: Path) -> None:
-            command = [*export, "--model", str(checkpoint), "--tokenizer", str(self.tokenizer), "--output", str(path)]
+            command = [*export, "--model", str(checkpoint), "--output", str(path)]  # with the checkpoint's tokenizer
             self.run(f"export-gpt2 {name}", [*command, "--force", "--quiet", *flags])
 
         path = self.work / "bundles" / f"{self.shape.name}-{name}"

@@ -21,8 +21,10 @@ def build_parser() -> ArgumentParser:
         "and gpt2onnx.load() run without PyTorch. Loading a hub id needs the Hugging Face hub; "
         "--random-init works offline.",
     )
-    parser.add_argument("--model", default="gpt2", help="hub id or checkpoint folder (default: gpt2)")
-    parser.add_argument("--output", help="bundle folder to write (default: models/<model name>)")
+    parser.add_argument("--model", help="hub id or checkpoint folder (default: gpt2)")
+    parser.add_argument(
+        "--output", help="bundle folder to write (default: models/<model name>, or models/random-<shape>)"
+    )
     parser.add_argument(
         "--dtype", choices=("fp32", "fp16"), default="fp32", help="weight and compute type (fp16 is for CUDA)"
     )
@@ -63,11 +65,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--random-init",
         choices=("tiny", "small", "medium"),
-        help="build a GPT-2 of this shape with seeded random weights instead of loading --model",
+        help="build a GPT-2 of this shape with seeded random weights instead of loading --model (offline; its text "
+        "is gibberish), with the GPT-2 tokenizer that ships with gpt2onnx",
     )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for --random-init and validation inputs")
     parser.add_argument(
-        "--tokenizer", help="folder or hub id whose tokenizer goes into the bundle (default: the model's)"
+        "--tokenizer",
+        help="folder, tokenizer.json or hub id whose tokenizer goes into the bundle (default: the checkpoint's own; "
+        "for --random-init, or a folder without one whose vocabulary is GPT-2's: the shipped GPT-2 tokenizer)",
     )
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
     parser.add_argument("--force", action="store_true", help="replace the output folder if it exists")

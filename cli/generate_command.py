@@ -16,6 +16,7 @@ from .common import (
     finite_float,
     load_bundle,
     non_negative_int,
+    option_flags,
     positive_int,
     run_command,
 )
@@ -23,11 +24,15 @@ from .common import (
 PROG = "gpt2-generate"
 
 
+BAR_WIDTH = 30  # characters of the --top-probs bar of the most likely token
+BAR_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
 def _token_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids such as 1,2,3, got {text!r}") from None
+    parts = text.replace(" ", "").split(",")
+    if not all(part.removeprefix("-").isdigit() for part in parts):  # negative ids get the API's range error
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids such as 1,2,3, got {text!r}")
+    return [int(part) for part in parts]
 
 
 def _early_stopping(text: str) -> bool | str:
@@ -42,7 +47,15 @@ def build_parser() -> ArgumentParser:
         prog=PROG,
         description="Generate text with a GPT-2 bundle written by export-gpt2 (no PyTorch needed).",
     )
-    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several prompts form a batch")
+    parser.add_argument(
+        "prompts", nargs="*", metavar="PROMPT", help="prompt text (- reads it from stdin); several prompts form a batch"
+    )
+    parser.add_argument(
+        "--prompt-file",
+        action="append",
+        metavar="FILE",
+        help="read a prompt from a file (its final newline dropped); repeat for a batch",
+    )
     runtime = parser.add_argument_group("runtime")
     add_bundle_arguments(parser, runtime, threads_help="CPU threads (default: physical cores)")
     parser.add_argument(
@@ -54,6 +67,9 @@ def build_parser() -> ArgumentParser:
     )
     generation = parser.add_argument_group("generation options (transformers' names and defaults)")
     generation.add_argument("--max-new-tokens", type=positive_int, help="tokens to generate (default 20)")
+    generation.add_argument(
+        "--max-length", type=positive_int, help="transformers' older limit: prompt + new tokens (instead of the above)"
+    )
     generation.add_argument("--min-new-tokens", type=non_negative_int, help="suppress EOS before this many (default 0)")
     generation.add_argument("--do-sample", action="store_true", default=None, help="sample (default: greedy or beams)")
     generation.add_argument("--temperature", type=finite_float, help="sampling temperature (default 1.0)")
@@ -80,7 +96,12 @@ def build_parser() -> ArgumentParser:
     output.add_argument("--stream", action="store_true", help="print text as it is generated")
     output.add_argument("--json", action="store_true", help="print one JSON object (see README)")
     output.add_argument("--show-tokens", action="store_true", help="print the prompt's |token| -> id table")
-    output.add_argument("--top-probs", type=positive_int, metavar="N", help="print the N most likely next tokens")
+    output.add_argument(
+        "--top-probs",
+        type=positive_int,
+        metavar="N",
+        help="print the N most likely next tokens, each with a bar (the most likely one's is full width)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -89,6 +110,7 @@ def generation_options(args: Any) -> dict[str, Any]:
     """The generate() keyword arguments the command line set (the others keep the bundle's defaults)."""
     options = {
         "max_new_tokens": args.max_new_tokens,
+        "max_length": args.max_length,
         "min_new_tokens": args.min_new_tokens,
         "do_sample": args.do_sample,
         "temperature": args.temperature,
@@ -108,16 +130,39 @@ def generation_options(args: Any) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _read_prompts(parser: ArgumentParser, args: Any) -> list[str]:
+    """The text prompts: PROMPT arguments (- is stdin) and --prompt-file files, each without its final newline."""
+    if args.prompts.count("-") > 1:
+        parser.error("- (read the prompt from stdin) can be given once")
+    prompts = []
+    for prompt in args.prompts:
+        prompts.append(_without_final_newline(sys.stdin.read()) if prompt == "-" else prompt)
+    for name in args.prompt_file or ():
+        try:
+            with open(name, encoding="utf-8") as handle:
+                prompts.append(_without_final_newline(handle.read()))
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            parser.error(f"--prompt-file {name}: {reason}")
+    return prompts
+
+
+def _without_final_newline(text: str) -> str:
+    return text[:-1] if text.endswith("\n") else text
+
+
 def _check_combinations(parser: ArgumentParser, args: Any) -> None:
     """Refuse, before loading the bundle, argument combinations that cannot work (one line, exit code 2)."""
-    if args.prompts and args.input_ids:
-        parser.error("give PROMPT text or --input-ids, not both")
-    if not args.prompts and not args.input_ids:
-        parser.error("give a PROMPT (text) or --input-ids 1,2,3")
+    if (args.prompts or args.prompt_file) and args.input_ids:
+        parser.error("give PROMPT text (or --prompt-file) or --input-ids, not both")
+    if not args.prompts and not args.prompt_file and not args.input_ids:
+        parser.error("give a PROMPT (text, or - for stdin), --prompt-file FILE or --input-ids 1,2,3")
+    if args.max_length is not None and args.max_new_tokens is not None:
+        parser.error("give --max-new-tokens or --max-length, not both")
     if args.stream:
         if args.json:
             parser.error("--stream and --json cannot be combined")
-        if len(args.prompts) > 1 or len(args.input_ids or ()) > 1:
+        if len(args.prompts) + len(args.prompt_file or ()) > 1 or len(args.input_ids or ()) > 1:
             parser.error("--stream takes one prompt")
         if (args.num_beams or 1) > 1:
             parser.error("--stream works with greedy search and sampling, not with --num-beams > 1")
@@ -132,26 +177,38 @@ def _print_token_table(model: Any, token_ids: list[int]) -> None:
 
 
 def _print_top_probs(table: list[Any]) -> None:
+    """rank, probability, id, |token| and a bar as long as the probability (the first row's is BAR_WIDTH)."""
+    top = table[0].probability if table else 0.0
     for rank, row in enumerate(table, 1):
-        print(f"{rank:>3}  {row.probability:8.4%}  {row.token_id:>6}  |{row.token}|")
+        print(f"{rank:>3}  {row.probability:8.4%}  {row.token_id:>6}  |{row.token}|  {_bar(row.probability, top)}")
+
+
+def _bar(value: float, top: float) -> str:
+    """A bar of value / top * BAR_WIDTH characters, to an eighth of a character."""
+    eighths = round(value / top * BAR_WIDTH * 8) if top > 0 else 0
+    return "█" * (eighths // 8) + BAR_EIGHTHS[eighths % 8].strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_combinations(parser, args)
+    prompts = _read_prompts(parser, args)
 
     def body() -> int:
-        model = load_bundle(args, args.threads)
+        model = load_bundle(args, args.threads, PROG)
         options = generation_options(args)
         model.options(**options)  # checked with the bundle's defaults before anything is printed
-        prompt = None if args.input_ids else (args.prompts[0] if len(args.prompts) == 1 else args.prompts)
+        prompt = None if args.input_ids else (prompts[0] if len(prompts) == 1 else prompts)
         input_ids = None if not args.input_ids else (args.input_ids[0] if len(args.input_ids) == 1 else args.input_ids)
         extras: dict[str, Any] = {}
         if args.show_tokens or args.top_probs:
             encoded = model.encode(prompt, input_ids)
-            for text, row in zip(encoded.prompts, encoded.rows, strict=True):
+            several = len(encoded.rows) > 1
+            for index, (text, row) in enumerate(zip(encoded.prompts, encoded.rows, strict=True)):
                 if args.show_tokens and not args.json:
+                    if several:
+                        print(f"tokens of {text!r}:" if text is not None else f"tokens of prompt {index + 1}:")
                     _print_token_table(model, row)
                 if args.top_probs:
                     table = model.next_token_probs(input_ids=row, top=args.top_probs)
@@ -184,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             print(sequence.text if model.manifest.tokenizer_path else " ".join(map(str, sequence.token_ids)))
         return 0
 
-    return run_command(PROG, body)
+    return run_command(PROG, body, option_flags(parser))
 
 
 if __name__ == "__main__":

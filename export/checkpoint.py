@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import numpy as np
 from gpt2onnx.runtime.errors import ExportError, InvalidInputError
 
 from .graph import ACTIVATIONS, GPT2Spec
+from .hub import hub_endpoint, hub_offline_by_choice, hub_reachable
 
 VOCAB_SIZE = 50257
 CONTEXT = 1024
@@ -67,12 +70,11 @@ def spec_from_config(config: Any) -> GPT2Spec:
     activation = config.activation_function
     if activation not in ACTIVATIONS:
         raise InvalidInputError(f"unsupported activation function {activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    if config.n_inner not in (None, 4 * config.n_embd):
-        raise InvalidInputError(f"unsupported n_inner {config.n_inner}; export-gpt2 supports the standard 4 * n_embd")
     return GPT2Spec(
         n_layer=config.n_layer,
         n_head=config.n_head,
         n_embd=config.n_embd,
+        n_inner=config.n_inner if config.n_inner is not None else 4 * config.n_embd,  # transformers' default
         vocab_size=config.vocab_size,
         n_positions=config.n_positions,
         activation=activation,
@@ -110,30 +112,66 @@ def _generation_defaults(generation_config: Any) -> dict[str, Any]:
     return {key: diff[key] for key in GENERATION_DEFAULT_KEYS if key in diff and diff[key] is not None}
 
 
-def load_pretrained(model_id: str, revision: str | None = None) -> Checkpoint:
-    """Load a GPT2LMHeadModel from a hub id or local folder; never runs code shipped with the checkpoint."""
+@contextmanager
+def _loading_bars(downloads: bool) -> Iterator[None]:
+    """transformers' 'Loading weights' bar off (the export prints its own steps); the hub's download bars on only
+    when `downloads` (not --quiet). Both are restored afterwards."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    weights_bar, hub_bars = transformers_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # turns the hub's off too
+    if downloads:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if weights_bar:
+            transformers_logging.enable_progress_bar()
+        (enable_progress_bars if hub_bars else disable_progress_bars)()
+
+
+def load_pretrained(model_id: str, revision: str | None = None, show_downloads: bool = True) -> Checkpoint:
+    """Load a GPT2LMHeadModel from a hub id or local folder; never runs code shipped with the checkpoint.
+
+    A hub id is downloaded when the hub can be reached (with the hub's progress bars when show_downloads), else taken
+    from the local Hugging Face cache; with neither, ExportError says so at once (instead of transformers' half a
+    minute of retries) and names --random-init.
+    """
+    with _loading_bars(show_downloads):
+        return _load_pretrained(model_id, revision)
+
+
+def _load_pretrained(model_id: str, revision: str | None) -> Checkpoint:
     import torch
     from transformers import AutoConfig, GenerationConfig, GPT2LMHeadModel
 
     local = Path(model_id).expanduser()
-    if local.exists() and not local.is_dir():
-        raise InvalidInputError(f"--model {model_id} is a file; give a checkpoint folder or a hub id")
-    if not local.exists() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
-        raise InvalidInputError(f"checkpoint folder not found: {model_id}")
+    offline = not local.is_dir() and not hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(
+            model_id, revision=revision, trust_remote_code=False, local_files_only=offline
+        )
     except ValueError as error:
         raise ExportError(f"cannot read the config of {model_id}: {str(error).splitlines()[0]}") from None
     except OSError as error:
+        if offline:
+            why = (
+                "HF_HUB_OFFLINE is set" if hub_offline_by_choice() else f"the hub ({hub_endpoint()}) cannot be reached"
+            )
+            raise ExportError(
+                f"cannot download {model_id}: {why} and it is not in the local cache; without the hub, export a "
+                "random-weight GPT-2 with --random-init small, or give a checkpoint folder with --model DIR"
+            ) from None
         raise ExportError(f"cannot load {model_id}: {str(error).splitlines()[0]}") from None
     spec = spec_from_config(config)
     try:
-        generation_config = GenerationConfig.from_pretrained(model_id, revision=revision)
+        generation_config = GenerationConfig.from_pretrained(model_id, revision=revision, local_files_only=offline)
     except OSError:
         generation_config = None
     try:
         model = GPT2LMHeadModel.from_pretrained(
-            model_id, revision=revision, dtype=torch.float32, trust_remote_code=False
+            model_id, revision=revision, dtype=torch.float32, trust_remote_code=False, local_files_only=offline
         )
     except OSError as error:
         raise ExportError(f"cannot load the weights of {model_id}: {str(error).splitlines()[0]}") from None
@@ -165,25 +203,26 @@ def random_checkpoint(shape: str, seed: int = 0) -> Checkpoint:
 
 
 def tokenizer_json(source: str, revision: str | None, work_dir: Path) -> Path | None:
-    """A tokenizer.json for a checkpoint or tokenizer folder/hub id: copied if present, else converted.
-
-    Returns None when the source has no tokenizer at all.
-    """
-    folder = Path(source).expanduser()
-    if folder.is_dir() and (folder / "tokenizer.json").is_file():
-        target = work_dir / "tokenizer.source.json"
-        shutil.copyfile(folder / "tokenizer.json", target)
+    """A tokenizer.json for a tokenizer.json file, a checkpoint or tokenizer folder, or a hub id: copied if there is
+    one, else converted (vocab.json + merges.txt, or the hub's files). None when the source has no tokenizer."""
+    path = Path(source).expanduser()
+    found = path if path.is_file() else path / "tokenizer.json"
+    target = work_dir / "tokenizer.source.json"
+    if found.is_file():
+        shutil.copyfile(found, target)
         return target
     from transformers import AutoTokenizer
 
+    offline = not path.is_dir() and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=revision, use_fast=True, trust_remote_code=False, local_files_only=offline
+        )
     except (OSError, ValueError, TypeError):
         return None
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError(f"the tokenizer of {source} has no fast (tokenizers) form to save as tokenizer.json")
     with tempfile.TemporaryDirectory(dir=work_dir) as temp:
         tokenizer.save_pretrained(temp)
-        target = work_dir / "tokenizer.source.json"
         shutil.copyfile(Path(temp) / "tokenizer.json", target)
     return target

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -16,13 +17,24 @@ from typing import Any
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError, InvalidInputError
 
-from .checkpoint import Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
+from .checkpoint import VOCAB_SIZE, Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
 from .graph import CONTRIB, OPSET, QUANT_BLOCK, QUANT_BLOCKS, build_graph
+from .sources import (
+    TokenizerChoice,
+    check_checkpoint_folder,
+    check_tokenizer_fits,
+    check_tokenizer_source,
+    choose_tokenizer,
+    fallback_tokenizer,
+    is_local_path,
+    tokenizer_json_file,
+)
 from .validate import validate_bundle
 
 # Weights above 32 MiB go to model.onnx.data: onnxruntime reads that file directly instead of parsing the weights out
 # of the protobuf (a GPT-2-small session starts in 0.3 s instead of 0.8 s), and protobuf stops at 2 GiB anyway.
 EXTERNAL_DATA_THRESHOLD = 32 << 20
+DEFAULT_MODEL = "gpt2"
 DTYPES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
 QUANTIZATIONS = ("int8",)
 
@@ -32,6 +44,11 @@ class Progress:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+
+    def notice(self, what: str) -> None:
+        """A one-line note about a choice the export made for the user ('export-gpt2: note: ...')."""
+        if self.enabled:
+            print(f"export-gpt2: note: {what}", file=sys.stderr, flush=True)
 
     @contextmanager
     def step(self, what: str) -> Iterator[None]:
@@ -58,9 +75,58 @@ def _require_export_dependencies() -> None:
         )
 
 
-def default_output(model: str, random_init: str | None) -> Path:
-    name = f"random-{random_init}" if random_init else Path(model.rstrip("/")).name
+def default_output(model: str | None, random_init: str | None) -> Path:
+    """models/<name>: models/gpt2 for --model gpt2 (or a folder named gpt2), models/random-small for --random-init
+    small."""
+    name = f"random-{random_init}" if random_init else Path((model or DEFAULT_MODEL).rstrip("/")).name
     return Path("models") / name
+
+
+def check_output(output: Path, force: bool) -> None:
+    """InvalidInputError, before any work, when the bundle could not be written at --output."""
+    if output.exists() and not force:
+        raise InvalidInputError(f"output folder {output} already exists; pass --force to replace it")
+    if output.exists() and not output.is_dir():
+        raise InvalidInputError(f"--output {output} is a file, not a bundle folder")
+    ancestor = output.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InvalidInputError(f"cannot write --output {output}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"cannot write --output {output}: no permission to write in {ancestor}")
+
+
+def _make_staging(output: Path) -> Path:
+    """The hidden sibling folder the bundle is assembled in (stale ones of killed exports are removed first)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(output)
+        staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+        staging.mkdir()
+    except OSError as error:
+        raise InvalidInputError(f"cannot write --output {output}: {error.strerror or error}") from None
+    return staging
+
+
+def _save_tokenizer(
+    choice: TokenizerChoice, model: str | None, revision: str | None, vocab_size: int, staging: Path
+) -> tuple[TokenizerChoice, str | None]:
+    """Write the chosen tokenizer into the staging folder as tokenizer.json. Returns the choice (a hub checkpoint
+    without a tokenizer falls back to the shipped one or none) and the file's name, None without a tokenizer."""
+    found = None
+    if choice.source is not None:
+        found = tokenizer_json(choice.source, revision if choice.source == model else None, staging)
+        if found is None and choice.source != model:
+            raise InvalidInputError(f"--tokenizer {choice.source} has no tokenizer")
+        if found is None:
+            choice = fallback_tokenizer(f"{model} has no tokenizer", vocab_size)
+            found = tokenizer_json(choice.source, None, staging) if choice.source else None
+    if found is None:
+        return choice, None
+    check_tokenizer_fits(found, choice.description, vocab_size)
+    found.rename(staging / bundle.TOKENIZER_FILE)
+    return choice, bundle.TOKENIZER_FILE
 
 
 def _tool_versions() -> dict[str, str]:
@@ -211,7 +277,7 @@ def check_graph_options(
 
 
 def export_bundle(
-    model: str = "gpt2",
+    model: str | None = None,
     output: str | Path | None = None,
     *,
     dtype: str = "fp32",
@@ -227,7 +293,13 @@ def export_bundle(
     force: bool = False,
     progress: Progress | None = None,
 ) -> Path:
-    """Export a GPT-2 checkpoint (hub id, folder, or random_init shape) to a bundle folder; return its path.
+    """Export a GPT-2 checkpoint (hub id or folder; default gpt2) or a random_init shape to a bundle folder (default
+    models/<name>); return its path.
+
+    Every input is checked before the slow work, each problem an InvalidInputError naming the export-gpt2 flag. The
+    tokenizer is `tokenizer` (a folder, tokenizer.json file or hub id), else the checkpoint's own; random_init, and a
+    checkpoint folder without tokenizer files whose vocabulary is GPT-2's, get the GPT-2 tokenizer shipped with
+    gpt2onnx; bundle.json's source.tokenizer records which (None: the bundle takes token ids only, said in a notice).
 
     optimize: build the graph from onnxruntime's fused contrib ops (attention with past/present, FastGelu); False
     keeps standard ONNX ops only. kv_cache: "preallocated" (fused only: GroupQueryAttention updates one buffer in
@@ -243,21 +315,39 @@ def export_bundle(
     check_graph_options(dtype, optimize, quantize, fast_prefill, kv_cache, block_size)
     kv_cache = resolve_kv_cache(kv_cache, dtype, optimize)
     block_size = block_size or QUANT_BLOCK
+    if model is not None and random_init is not None:
+        raise InvalidInputError("give --model or --random-init, not both: --random-init builds its own weights")
+    model = model or (None if random_init else DEFAULT_MODEL)
+    output = Path(output) if output is not None else default_output(model, random_init)
+    check_output(output, force)
+    # Every input is checked before the slow work (importing torch, loading, building): a bad one fails at once.
+    vocab_size = VOCAB_SIZE if random_init else None
+    if model is not None and is_local_path(model):
+        vocab_size = check_checkpoint_folder(model).get("vocab_size", VOCAB_SIZE)
+    if tokenizer is not None:
+        check_tokenizer_source(tokenizer)
+    choice = choose_tokenizer(tokenizer, model, vocab_size)
+    early_tokenizer = None if choice.source is None or vocab_size is None else tokenizer_json_file(choice.source)
+    if early_tokenizer is not None:
+        check_tokenizer_fits(early_tokenizer, choice.description, vocab_size)
     _require_export_dependencies()
     graph_dtype = DTYPES[dtype]
-    output = Path(output) if output is not None else default_output(model, random_init)
-    if output.exists() and not force:
-        raise InvalidInputError(f"output folder {output} already exists; pass --force to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(output)
-    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    staging.mkdir()
+    staging = _make_staging(output)
     try:
         with progress.step(f"loading {'random ' + random_init + ' GPT-2' if random_init else model}"):
             checkpoint: Checkpoint = (
-                random_checkpoint(random_init, seed) if random_init else load_pretrained(model, revision)
+                random_checkpoint(random_init, seed)
+                if random_init
+                else load_pretrained(model, revision, show_downloads=progress.enabled)
             )
         spec = checkpoint.spec
+        with progress.step("saving the tokenizer"):
+            choice, tokenizer_name = _save_tokenizer(choice, model, revision, spec.vocab_size, staging)
+        if choice.notice and choice.source is None:
+            warnings.warn(choice.notice, UserWarning, stacklevel=2)  # shown with --quiet and to API callers too
+        elif choice.notice:
+            progress.notice(choice.notice)
+        checkpoint.source["tokenizer"] = choice.description
         kind = ("fused" if optimize else "plain") + (
             f", {quantize} weights in blocks of {block_size}" if quantize else ""
         )
@@ -278,18 +368,6 @@ def export_bundle(
             quantization = _quantization_record(model_proto, block_size) if quantize else None
             external = _save_graph(model_proto, staging)
             del weights, model_proto
-        tokenizer_source = tokenizer or (None if random_init else model)
-        tokenizer_name = None
-        if tokenizer_source is not None:
-            with progress.step("saving the tokenizer"):
-                found = tokenizer_json(tokenizer_source, None if tokenizer else revision, staging)
-                if found is None and tokenizer:
-                    raise ExportError(
-                        f"no tokenizer found in {tokenizer} (expected tokenizer.json or vocab.json + merges.txt)"
-                    )
-                if found is not None:
-                    found.rename(staging / bundle.TOKENIZER_FILE)
-                    tokenizer_name = bundle.TOKENIZER_FILE
         inputs, outputs = bundle.io_names(spec.n_layer)
         data: dict[str, Any] = {
             "format": bundle.FORMAT_NAME,
@@ -301,6 +379,7 @@ def export_bundle(
                 "n_head": spec.n_head,
                 "head_dim": spec.head_dim,
                 "n_embd": spec.n_embd,
+                "n_inner": spec.n_inner,
                 "vocab_size": spec.vocab_size,
                 "n_positions": spec.n_positions,
                 "activation": spec.activation,

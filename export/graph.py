@@ -54,6 +54,7 @@ class GPT2Spec:
     n_layer: int
     n_head: int
     n_embd: int
+    n_inner: int  # the MLP's hidden width (4 * n_embd in OpenAI's GPT-2s); the projections take it from the weights
     vocab_size: int
     n_positions: int
     activation: str = "gelu_new"

@@ -26,3 +26,8 @@ class ProviderError(GPT2OnnxError):
 
 class ExportError(GPT2OnnxError):
     """Exporting a checkpoint failed; nothing was left at the output path."""
+
+
+def counted(count: int, noun: str) -> str:
+    """'1 token', '3 tokens': a count for a message."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -13,7 +13,7 @@ import numpy as np
 
 from .beam_search import BeamSearch, beam_search
 from .bundle import Manifest, check_hashes, read_manifest
-from .errors import BundleError, InvalidInputError
+from .errors import BundleError, InvalidInputError, counted
 from .generation import PaddedBatch, Step, token_steps
 from .options import GenerationOptions
 from .outputs import GeneratedSequence, GenerationOutput, PromptResult, Timing
@@ -116,8 +116,9 @@ class GPT2Model:
         if longest + max_new_tokens > self.context_length:
             over = longest + max_new_tokens - self.context_length
             raise InvalidInputError(
-                f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
-                f"{self.context_length} tokens by {over}"
+                f"prompt of {counted(longest, 'token')} plus max_new_tokens={max_new_tokens} exceeds the model's "
+                f"context of {self.context_length} tokens by {over}",
+                option="max_new_tokens",
             )
 
     def _check_request(self, rows: list[list[int]], config: GenerationOptions) -> None:
@@ -134,6 +135,7 @@ class GPT2Model:
         """
         config = self.options(**options)
         encoded = self.encode(prompt, input_ids)
+        config = config.for_prompt(max(len(row) for row in encoded.rows))
         self._check_request(encoded.rows, config)
         batch = PaddedBatch.from_rows(encoded.rows, self.pad_token_id(config))
         start = time.perf_counter()
@@ -197,6 +199,7 @@ class GPT2Model:
         encoded = self.encode(prompt, input_ids)
         if len(encoded.rows) != 1:
             raise InvalidInputError("stream() takes one prompt or one sequence of input_ids, not a batch")
+        config = config.for_prompt(len(encoded.rows[0]))
         self._check_request(encoded.rows, config)
         batch = PaddedBatch.from_rows(encoded.rows, self.pad_token_id(config))
         return TextStream(self._steps(batch, config), self.tokenizer.stream_decoder(), config.stop)

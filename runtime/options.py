@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, counted
 
 EARLY_STOPPING_VALUES = (True, False, "never")
 
@@ -19,9 +20,12 @@ class GenerationOptions:
 
     eos_token_id / pad_token_id of None take the bundle's values (GPT-2: pad = eos = 50256).
     top_k applies only when sampling (as in transformers); top_k=0 disables it.
+    max_length (transformers' older limit: prompt + new tokens, the padded prompt width of a batch) may replace
+    max_new_tokens; for_prompt() turns it into max_new_tokens once the prompt is known.
     """
 
     max_new_tokens: int = 20
+    max_length: int | None = None
     min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
@@ -51,12 +55,21 @@ class GenerationOptions:
 
         None values (in base or overrides) mean "the default"; vocab_size, when given, bounds every token id.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise InvalidInputError(f"unknown generation option(s): {', '.join(unknown)}")
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise InvalidInputError(f"unknown generation option(s): {', '.join(unknown)}{hint}", option=unknown[0])
+        given = {key: value for key, value in overrides.items() if value is not None}
+        if "max_length" in given and "max_new_tokens" in given:
+            raise InvalidInputError(
+                "give max_new_tokens or max_length (prompt included), not both", option="max_length"
+            )
         values = {key: value for key, value in (base or {}).items() if key in names and value is not None}
-        values.update({key: value for key, value in overrides.items() if value is not None})
+        if "max_length" in given:  # the caller's limit replaces the bundle's max_new_tokens default
+            values.pop("max_new_tokens", None)
+        values.update(given)
         if isinstance(values.get("stop"), str):
             values["stop"] = (values["stop"],)
         if values.get("stop") is not None:
@@ -75,8 +88,10 @@ class GenerationOptions:
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidInputError naming the first option that is out of range."""
         _int(self.max_new_tokens, "max_new_tokens", 1)
+        if self.max_length is not None:
+            _int(self.max_length, "max_length", 2)
         _int(self.min_new_tokens, "min_new_tokens", 0)
-        if self.min_new_tokens > self.max_new_tokens:
+        if self.min_new_tokens > self.max_new_tokens and self.max_length is None:
             raise InvalidInputError(
                 f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})",
                 option="min_new_tokens",
@@ -105,7 +120,7 @@ class GenerationOptions:
             )
         if self.num_return_sequences > 1 and self.num_beams == 1 and not self.do_sample:
             raise InvalidInputError(
-                f"num_return_sequences ({self.num_return_sequences}) > 1 needs do_sample=True or num_beams >= "
+                f"num_return_sequences ({self.num_return_sequences}) > 1 needs sampling (do_sample) or num_beams >= "
                 f"{self.num_return_sequences}: greedy search has only one answer",
                 option="num_return_sequences",
             )
@@ -124,6 +139,21 @@ class GenerationOptions:
             _int(token, "token id", 0)
             if vocab_size is not None and token >= vocab_size:
                 raise InvalidInputError(f"token id {token} is outside the vocabulary (0..{vocab_size - 1})")
+
+    def for_prompt(self, prompt_length: int) -> GenerationOptions:
+        """These options for a prompt (batch) of prompt_length tokens: max_length turned into max_new_tokens."""
+        if self.max_length is None:
+            return self
+        new_tokens = self.max_length - prompt_length
+        if new_tokens < 1:
+            raise InvalidInputError(
+                f"max_length ({self.max_length}) counts the prompt, so it must exceed the prompt's "
+                f"{counted(prompt_length, 'token')}",
+                option="max_length",
+            )
+        options = dataclasses.replace(self, max_new_tokens=new_tokens, max_length=None)
+        options.validate()
+        return options
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -64,7 +64,7 @@ class GenerationOutput:
         return [sequence for result in self.results for sequence in result.sequences]
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON shape of DESIGN.md's `gpt2-generate --json` (results and timing)."""
+        """The JSON shape of the README's `gpt2-generate --json` (results and timing)."""
         results = []
         for result in self.results:
             sequences = []

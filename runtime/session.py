@@ -12,7 +12,10 @@ as the next step's past as they are, and reordered for beams on the device.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +138,14 @@ def session_options(intra_op_threads: int | None = None) -> Any:
     return options
 
 
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the pip packages that gpt2-onnx[gpu] installs (nvidia-*), which the dynamic loader
+    does not search: without this, the CUDA provider needs LD_LIBRARY_PATH (onnxruntime >= 1.21 has preload_dlls)."""
+    if importlib.util.find_spec("nvidia") is not None and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 def resolve_providers(provider: str) -> list[str]:
     """The onnxruntime provider list for 'auto', 'cpu' or 'cuda'; ProviderError if it cannot work here."""
     if provider not in PROVIDER_CHOICES:
@@ -143,6 +154,7 @@ def resolve_providers(provider: str) -> list[str]:
     if provider == "cpu":
         return [PROVIDERS["cpu"]]
     if PROVIDERS["cuda"] in available:
+        preload_cuda_libraries()
         return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
     if provider == "cuda":
         raise ProviderError(
@@ -180,18 +192,7 @@ class DecoderSession:
             providers = [PROVIDERS["cpu"]]  # for 'auto' as for 'cpu'
         if providers[0] == PROVIDERS["cuda"]:
             providers[0] = (PROVIDERS["cuda"], CUDA_OPTIONS)
-        options = session_options(intra_op_threads)
-        try:
-            self.session = ort.InferenceSession(str(manifest.model_path), sess_options=options, providers=providers)
-        except Exception as error:  # onnxruntime raises its own untyped errors
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if provider == "cuda" and "CUDA" in message:
-                raise ProviderError(f"provider 'cuda' failed to start: {message}") from None
-            raise BundleError(
-                f"bundle {manifest.folder}: onnxruntime cannot load {manifest.model_path.name}: {message}"
-            ) from None
-        if provider == "cuda" and PROVIDERS["cuda"] not in self.session.get_providers():
-            raise ProviderError("provider 'cuda' could not be initialised (check the CUDA and cuDNN libraries)")
+        self.session = self._create_session(provider, providers, session_options(intra_op_threads))
         self.provider = "cuda" if PROVIDERS["cuda"] in self.session.get_providers() else "cpu"
         self._check_io_names()
         self.kv_dtype = np.float16 if manifest.dtype == "float16" else np.float32
@@ -201,6 +202,28 @@ class DecoderSession:
             if self.device_cache
             else None
         )
+
+    def _create_session(self, provider: str, providers: list[Any], options: Any) -> Any:
+        """The onnxruntime session; with provider 'auto', a CUDA provider that cannot run falls back to the CPU with
+        a one-line warning ('cuda' stays strict: ProviderError)."""
+        manifest = self.manifest
+        try:
+            session = ort.InferenceSession(str(manifest.model_path), sess_options=options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own untyped errors
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if provider == "cuda" and "CUDA" in message:
+                raise ProviderError(f"provider 'cuda' failed to start: {message}") from None
+            if provider == "auto" and len(providers) > 1:
+                warnings.warn(f"the CUDA provider failed to start ({message}); running on the CPU", stacklevel=3)
+                return self._create_session("cpu", [PROVIDERS["cpu"]], options)
+            raise BundleError(
+                f"bundle {manifest.folder}: onnxruntime cannot load {manifest.model_path.name}: {message}"
+            ) from None
+        if len(providers) > 1 and PROVIDERS["cuda"] not in session.get_providers():
+            if provider == "cuda":
+                raise ProviderError("provider 'cuda' could not be initialised (check the CUDA and cuDNN libraries)")
+            warnings.warn("the CUDA provider could not be initialised; running on the CPU", stacklevel=3)
+        return session
 
     def _check_io_names(self) -> None:
         expected_inputs, expected_outputs = bundle.io_names(self.architecture.n_layer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -10,6 +11,9 @@ from tokenizers import Tokenizer as _HFTokenizer
 from .errors import BundleError, InvalidInputError
 
 REPLACEMENT_CHAR = "\ufffd"
+GPT2_VOCAB_SIZE = 50257
+# GPT-2's own tokenizer (the vocabulary and merges published with GPT-2), shipped as package data: data/gpt2/README.md.
+GPT2_TOKENIZER = Path(str(resources.files(__package__).joinpath("data", "gpt2", "tokenizer.json")))
 
 
 class Tokenizer:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import signal
+import socket
 import sys
 
 from gpt2onnx import __version__
@@ -17,6 +19,7 @@ from gpt2onnx.cli.common import (
     positive_int,
     run_command,
 )
+from gpt2onnx.runtime.errors import InvalidInputError
 
 PROG = "gpt2-serve"
 
@@ -54,6 +57,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a busy port fails at once (exit 2)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        reason = "it is in use" if error.errno == errno.EADDRINUSE else error.strerror or str(error)
+        raise InvalidInputError(f"cannot listen on {host} port {port}: {reason} (choose another with --port)") from None
+
+
 def threads_per_worker(workers: int) -> int:
     """The physical cores shared out among the workers: generations running at once must not oversubscribe them."""
     from gpt2onnx.runtime.session import physical_cores
@@ -72,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as error:
             print(f"{PROG}: error: {error}; install the serve extra: pip install 'gpt2-onnx[serve]'", file=sys.stderr)
             return EXIT_FAILURE
-        model = load_bundle(args, args.threads or threads_per_worker(args.workers))
+        listener = bind(args.host, args.port)
+        model = load_bundle(args, args.threads or threads_per_worker(args.workers), PROG)
         app = create_app(model, workers=args.workers, queue_size=args.queue_size, model_id=args.model_name)
         if not is_loopback(args.host):
             print(
@@ -82,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: serving {args.model_name or model.name!r} on {model.provider}", file=sys.stderr)
         # uvicorn stops gracefully on SIGTERM, then raises it again: a normal stop, not a failure.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_OK))
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.Server(config).run(sockets=[listener])
         return 0
 
     return run_command(PROG, body)

@@ -1,23 +1,23 @@
-"""Shared fixtures: files from ../shared (or the hub), and random-weight GPT-2 checkpoints exported to bundles.
-
-Files from ../shared: used when present; on a fresh clone without ../shared the tokenizer comes from the hub when
-it is reachable, else the test is skipped saying why; under CI (CI=true) a missing ../shared file is a failure.
+"""Shared fixtures: the GPT-2 tokenizer shipped with the package, the checkpoints under tests/fixtures/, and
+random-weight GPT-2 checkpoints exported to bundles. Nothing here reads anything outside the checkout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from gpt2onnx.runtime.tokenizer import GPT2_TOKENIZER
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# hf-internal-testing/tiny-random-gpt2: 5 layers, vocabulary of 1000, bos = eos = pad = 98 (fixtures/README.md).
+REFERENCE_CHECKPOINT = FIXTURES / "tiny-random-gpt2"
 
 
 FORBIDDEN = ("torch", "transformers", "optimum", "accelerate")
@@ -44,35 +44,6 @@ loaded = sorted({{name.split(".")[0] for name in sys.modules}} & set({FORBIDDEN!
 print(json.dumps({{"loaded": loaded}}), file=sys.stderr)
 sys.exit(code)
 """
-
-
-def shared_file(relative: str) -> Path:
-    """A file under ../shared; fails under CI and skips elsewhere when it is missing."""
-    path = SHARED / relative
-    if path.exists():
-        return path
-    if IN_CI:
-        pytest.fail(f"CI needs ../shared/{relative} beside the checkout, and it is missing")
-    pytest.skip(f"../shared/{relative} is not beside this checkout")
-
-
-def gpt2_tokenizer_dir(tmp_root: Path) -> Path:
-    """A folder holding the real GPT-2 tokenizer.json: ../shared/gpt2-tokenizer, else downloaded from the hub."""
-    path = SHARED / "gpt2-tokenizer"
-    if (path / "tokenizer.json").exists():
-        return path
-    if IN_CI:
-        pytest.fail("CI needs ../shared/gpt2-tokenizer/tokenizer.json beside the checkout, and it is missing")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        downloaded = Path(hf_hub_download("openai-community/gpt2", "tokenizer.json", cache_dir=str(tmp_root / "hub")))
-    except Exception as error:  # no ../shared and no hub: nothing to test against
-        pytest.skip(f"no ../shared/gpt2-tokenizer and the hub is unreachable ({type(error).__name__})")
-    target = tmp_root / "gpt2-tokenizer"
-    target.mkdir(exist_ok=True)
-    shutil.copyfile(downloaded, target / "tokenizer.json")
-    return target
 
 
 @dataclass(frozen=True)
@@ -122,8 +93,9 @@ def build_random_gpt2(root: Path, shape: str, seed: int, tokenizer_dir: Path | N
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return gpt2_tokenizer_dir(tmp_path_factory.mktemp("tokenizer"))
+def tokenizer_dir() -> Path:
+    """The folder of the GPT-2 tokenizer.json that ships with the package."""
+    return GPT2_TOKENIZER.parent
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 import gpt2onnx
 from conftest import RandomGPT2, run_generate
 
-# (API keyword arguments, CLI arguments or None where the CLI cannot express it, the message, and the CLI's
-# message where its own argument parsing words it differently)
+# (API keyword arguments or None where only the CLI can go wrong, CLI arguments or None where the CLI cannot express
+# it, the message, and the CLI's message where it words it differently: in its own flags, or from argument parsing)
 BAD_INPUTS: list[tuple[dict[str, Any], list[str] | None, str] | tuple[dict[str, Any], list[str], str, str]] = [
     (
         {"input_ids": [11] * 1000, "max_new_tokens": 30},
@@ -44,11 +44,26 @@ BAD_INPUTS: list[tuple[dict[str, Any], list[str] | None, str] | tuple[dict[str, 
         "min_new_tokens must be >= 0, got -1",
         "argument --min-new-tokens: expected an integer >= 0, got -1",
     ),
-    ({"min_new_tokens": 30, "max_new_tokens": 20}, ["--min-new-tokens", "30"], "must not exceed max_new_tokens"),
-    ({"do_sample": True, "temperature": 0.0}, ["--do-sample", "--temperature", "0"], "temperature must be > 0"),
-    ({"do_sample": True, "temperature": -1.0}, ["--do-sample", "--temperature", "-1"], "temperature must be > 0"),
-    ({"top_p": 0.0}, ["--top-p", "0"], "top_p must be > 0"),
-    ({"top_p": 1.5}, ["--top-p", "1.5"], "top_p must be <= 1"),
+    (
+        {"min_new_tokens": 30, "max_new_tokens": 20},
+        ["--min-new-tokens", "30"],
+        "min_new_tokens (30) must not exceed max_new_tokens (20)",
+        "--min-new-tokens (30) must not exceed --max-new-tokens (20)",
+    ),
+    (
+        {"do_sample": True, "temperature": 0.0},
+        ["--do-sample", "--temperature", "0"],
+        "temperature must be > 0",
+        "error: --temperature must be > 0",
+    ),
+    (
+        {"do_sample": True, "temperature": -1.0},
+        ["--do-sample", "--temperature", "-1"],
+        "temperature must be > 0",
+        "error: --temperature must be > 0",
+    ),
+    ({"top_p": 0.0}, ["--top-p", "0"], "top_p must be > 0", "error: --top-p must be > 0"),
+    ({"top_p": 1.5}, ["--top-p", "1.5"], "top_p must be <= 1", "error: --top-p must be <= 1.0, got 1.5"),
     (
         {"top_k": -1},
         ["--top-k", "-1"],
@@ -65,6 +80,7 @@ BAD_INPUTS: list[tuple[dict[str, Any], list[str] | None, str] | tuple[dict[str, 
         {"num_beams": 2, "num_return_sequences": 3},
         ["--num-beams", "2", "--num-return-sequences", "3"],
         "num_return_sequences (3) must not exceed num_beams (2)",
+        "--num-return-sequences (3) must not exceed --num-beams (2)",
     ),
     ({"input_ids": [1, 2, 50257]}, ["--input-ids", "1,2,50257"], "token id 50257 is outside the vocabulary"),
     ({"input_ids": [-1]}, ["--input-ids", "-1"], "token id -1 is outside the vocabulary"),
@@ -76,7 +92,12 @@ BAD_INPUTS: list[tuple[dict[str, Any], list[str] | None, str] | tuple[dict[str, 
     ({"input_ids": []}, None, "input_ids must be a non-empty list"),
     ({"input_ids": [1.5]}, None, "input_ids must hold integers"),
     ({"prompt": "a", "input_ids": [1]}, None, "give either a prompt"),
-    ({"repetition_penalty": 0.0}, ["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+    (
+        {"repetition_penalty": 0.0},
+        ["--repetition-penalty", "0"],
+        "repetition_penalty must be > 0",
+        "error: --repetition-penalty must be > 0",
+    ),
     (
         {"early_stopping": "sometimes"},
         ["--early-stopping", "sometimes"],
@@ -84,7 +105,30 @@ BAD_INPUTS: list[tuple[dict[str, Any], list[str] | None, str] | tuple[dict[str, 
         "argument --early-stopping: expected true, false or never, got 'sometimes'",
     ),
     ({"no_such_option": 1}, None, "unknown generation option(s): no_such_option"),
-    ({"stop": [""]}, ["--stop", ""], "stop strings must be non-empty"),
+    ({"top_pp": 0.5}, None, "unknown generation option(s): top_pp; did you mean top_p?"),
+    ({"stop": [""]}, ["--stop", ""], "stop strings must be non-empty", "error: --stop strings must be non-empty"),
+    (
+        {"input_ids": [11], "max_length": 1},
+        ["--input-ids", "11", "--max-length", "1"],
+        "max_length must be >= 2, got 1",
+        "error: --max-length must be >= 2, got 1",
+    ),
+    (
+        {"input_ids": [11, 12, 13], "max_length": 3},
+        ["--input-ids", "11,12,13", "--max-length", "3"],
+        "max_length (3) counts the prompt, so it must exceed the prompt's 3 tokens",
+        "error: --max-length (3) counts the prompt, so it must exceed the prompt's 3 tokens",
+    ),
+    (
+        {"input_ids": [11], "max_new_tokens": 1024},
+        ["--input-ids", "11", "--max-new-tokens", "1024"],
+        "prompt of 1 token plus max_new_tokens=1024 exceeds the model's context of 1024 tokens by 1",
+        "prompt of 1 token plus --max-new-tokens=1024 exceeds",
+    ),
+    ({"max_new_tokens": 3, "max_length": 9}, None, "give max_new_tokens or max_length (prompt included), not both"),
+    (None, ["--input-ids", "1,,2"], None, "argument --input-ids: expected comma-separated token ids"),
+    (None, ["--input-ids", "1,2,"], None, "argument --input-ids: expected comma-separated token ids"),
+    (None, ["--max-length", "9", "--max-new-tokens", "3"], None, "give --max-new-tokens or --max-length, not both"),
     ({"eos_token_id": 10**6}, None, "token id 1000000 is outside the vocabulary"),
 ]
 
@@ -100,13 +144,14 @@ def model(tiny_gpt2: RandomGPT2):
     return gpt2onnx.load(tiny_gpt2.bundle)
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS, ids=[str(case[0])[:60] for case in BAD_INPUTS])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[str(case[0] or case[1])[:60] for case in BAD_INPUTS])
 def test_bad_input(model, tiny_gpt2: RandomGPT2, case: tuple) -> None:
     kwargs, cli, fragment = case[:3]
-    with pytest.raises(gpt2onnx.InvalidInputError) as caught:
-        call_api(model, kwargs)
-    assert isinstance(caught.value, ValueError)
-    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+    if kwargs is not None:
+        with pytest.raises(gpt2onnx.InvalidInputError) as caught:
+            call_api(model, kwargs)
+        assert isinstance(caught.value, ValueError)
+        assert fragment in str(caught.value) and "\n" not in str(caught.value)
     if cli is not None:
         if (
             not any(arg.startswith("--input-ids") for arg in cli)
@@ -145,7 +190,8 @@ OPTION_NAMES = [option.name for option in dataclasses.fields(gpt2onnx.Generation
     ),
 )
 def test_random_options_and_prompts_give_results_or_the_documented_error(model, options: dict, prompt: str) -> None:
-    options.setdefault("max_new_tokens", 3)
+    if "max_length" not in options:
+        options.setdefault("max_new_tokens", 3)
     try:
         limit = model.options(**options).max_new_tokens
         output = model.generate(prompt, **options)
@@ -154,6 +200,50 @@ def test_random_options_and_prompts_give_results_or_the_documented_error(model, 
         return
     for sequence in output.sequences:
         assert 1 <= len(sequence.generated_token_ids) <= limit
+
+
+# A value of every option that is valid whatever the other options are: any mix of them must generate.
+VALID_OPTION_VALUES = {
+    "max_new_tokens": st.integers(1, 4),
+    "min_new_tokens": st.integers(0, 1),
+    "do_sample": st.booleans(),
+    "temperature": st.floats(0.05, 4.0),
+    "top_k": st.integers(0, 80),
+    "top_p": st.floats(0.01, 1.0),
+    "min_p": st.none() | st.floats(0.0, 1.0),
+    "typical_p": st.floats(0.01, 1.0),
+    "repetition_penalty": st.floats(0.5, 3.0),
+    "no_repeat_ngram_size": st.integers(0, 3),
+    "bad_words_ids": st.lists(st.lists(st.integers(0, 50256), min_size=1, max_size=3), max_size=3),
+    "num_beams": st.integers(1, 3),
+    "length_penalty": st.floats(-2.0, 2.0),
+    "early_stopping": st.sampled_from([True, False, "never"]),
+    "eos_token_id": st.integers(0, 50256) | st.lists(st.integers(0, 50256), min_size=1, max_size=2),
+    "pad_token_id": st.integers(0, 50256),
+    "seed": st.integers(0, 2**32),
+    "stop": st.lists(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=3), max_size=2),
+    "output_scores": st.booleans(),
+    "top_logprobs": st.integers(0, 3),
+}
+# Options whose valid values depend on others: num_return_sequences (<= num_beams, or sampling), max_length (the
+# prompt's length, and not with max_new_tokens); the table above must cover every other option.
+DEPENDENT_OPTIONS = {"num_return_sequences", "max_length"}
+
+
+def test_every_option_has_valid_draws() -> None:
+    assert set(VALID_OPTION_VALUES) | DEPENDENT_OPTIONS == set(OPTION_NAMES)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    options=st.fixed_dictionaries({}, optional=VALID_OPTION_VALUES),
+    prompt=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30),
+)
+def test_valid_options_and_prompts_always_generate(model, options: dict, prompt: str) -> None:
+    limit = options.setdefault("max_new_tokens", 3)
+    output = model.generate(prompt, **options)
+    assert len(output.sequences) == 1
+    assert 1 <= len(output.sequences[0].generated_token_ids) <= limit
 
 
 CLI_WORDS = [
@@ -187,6 +277,32 @@ def test_random_command_lines_give_results_or_exit_2(tiny_gpt2: RandomGPT2, word
     assert code in (0, 2), stderr
     if code == 2:
         assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+VALID_FLAGS = {
+    "--temperature": st.floats(0.05, 4.0).map(str),
+    "--top-k": st.integers(0, 80).map(str),
+    "--top-p": st.floats(0.01, 1.0).map(str),
+    "--num-beams": st.integers(1, 3).map(str),
+    "--seed": st.integers(0, 2**32).map(str),
+    "--stop": st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=3),
+    "--repetition-penalty": st.floats(0.5, 3.0).map(str),
+    "--no-repeat-ngram-size": st.integers(0, 3).map(str),
+}
+VALID_SWITCHES = ["--do-sample", "--json", "--show-tokens"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    flags=st.fixed_dictionaries({}, optional=VALID_FLAGS),
+    switches=st.lists(st.sampled_from(VALID_SWITCHES), unique=True),
+    prompt=st.sampled_from(["Artificial intelligence", "naïve café 🤖", "a"]),
+)
+def test_valid_command_lines_exit_0(tiny_gpt2: RandomGPT2, flags: dict, switches: list, prompt: str) -> None:
+    words = [prompt, *(word for pair in flags.items() for word in pair), *switches]
+    code, stdout, stderr = run_generate([*words, "--max-new-tokens", "2", "--model", str(tiny_gpt2.bundle)])
+    assert code == 0, stderr
+    assert stdout
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import shared_file
-
 REPO = Path(__file__).resolve().parent.parent
 MEASURED = ("transformers", "gpt2onnx-fp32", "gpt2onnx-int8", "gpt2onnx-int8-fast-prefill")
 
@@ -20,10 +18,7 @@ MEASURED = ("transformers", "gpt2onnx-fp32", "gpt2onnx-int8", "gpt2onnx-int8-fas
 def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
     out = tmp_path / "results.md"
     run = REPO / "benchmarks" / "run.py"
-    for name in ("vocab.json", "merges.txt", "tokenizer.json"):  # what the peers' conversions need
-        tokenizer = shared_file(f"gpt2-tokenizer/{name}").parent
     command = [sys.executable, str(run), "--smoke", "--work", str(tmp_path), "--out", str(out)]
-    command += ["--tokenizer", str(tokenizer)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 

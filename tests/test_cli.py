@@ -1,4 +1,4 @@
-"""The console scripts: DESIGN.md's --json schema, tables, exit codes and one-line errors."""
+"""The console scripts: the README's --json schema, tables, prompts from stdin and files, exit codes, errors."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
     )
 
 
-def test_json_output_matches_the_design_schema(tiny_gpt2: RandomGPT2) -> None:
+def test_json_output_matches_the_readme_schema(tiny_gpt2: RandomGPT2) -> None:
     result = run_cli(
         "generate",
         "Artificial intelligence",
@@ -88,6 +88,60 @@ def test_show_tokens_and_top_probs_tables(tiny_gpt2: RandomGPT2) -> None:
     assert [percent for _, percent, _, _ in table] == [f"{entry.probability:.4%}" for entry in best]
 
 
+def test_top_probs_bars_follow_the_probabilities(tiny_gpt2: RandomGPT2) -> None:
+    result = run_cli("generate", "Artificial intelligence", "--model", str(tiny_gpt2.bundle), "--top-probs", "5")
+    rows = [line for line in result.stdout.splitlines() if "%" in line]
+    bars = [line.rsplit("|", 1)[1].strip() for line in rows]
+    assert len(bars) == 5 and bars[0] == "█" * 30, "the most likely token's bar is full width"
+    widths = [len(bar) for bar in bars]
+    assert widths == sorted(widths, reverse=True) and set("".join(bars)) <= set("█▏▎▍▌▋▊▉")
+
+
+def test_several_prompts_label_their_token_tables(tiny_gpt2: RandomGPT2) -> None:
+    args = ("generate", "Artificial intelligence", "Hello", "--model", str(tiny_gpt2.bundle), "--show-tokens")
+    lines = run_cli(*args, "--max-new-tokens", "1").stdout.splitlines()
+    assert lines[:6] == [
+        "tokens of 'Artificial intelligence':",
+        "|Art| -> 8001",
+        "|ificial| -> 9542",
+        "| intelligence| -> 4430",
+        "tokens of 'Hello':",
+        "|Hello| -> 15496",
+    ]
+
+
+def test_prompts_from_stdin_and_files(tiny_gpt2: RandomGPT2, tmp_path: Path) -> None:
+    common = ("--model", str(tiny_gpt2.bundle), "--json", "--max-new-tokens", "3")
+    (tmp_path / "prompt.txt").write_text("naïve café 🤖\n", encoding="utf-8")
+    from_stdin = run_cli("generate", "-", *common, stdin="Artificial intelligence\n")
+    from_file = run_cli("generate", "--prompt-file", str(tmp_path / "prompt.txt"), *common)
+    both = run_cli(
+        "generate", "-", "--prompt-file", str(tmp_path / "prompt.txt"), *common, stdin="Artificial intelligence"
+    )
+    expected = run_cli("generate", "Artificial intelligence", "naïve café 🤖", *common)
+    results = [json.loads(result.stdout)["results"] for result in (from_stdin, from_file, both, expected)]
+    assert results[0] == results[3][:1] and results[1] == results[3][1:] and results[2] == results[3]
+    missing = run_cli("generate", "--prompt-file", str(tmp_path / "none.txt"), *common)
+    assert missing.returncode == 2
+    assert missing.stderr == f"gpt2-generate: error: --prompt-file {tmp_path / 'none.txt'}: No such file or directory\n"
+
+
+def test_max_length_counts_the_prompt_as_transformers_does(tiny_gpt2: RandomGPT2) -> None:
+    """max_length = padded prompt + new tokens: the same tokens as transformers' generate(max_length=...)."""
+    from reference import reference_generate
+
+    rows = [[8001, 9542, 4430], [464, 2068, 7586, 21831, 18045]]
+    model = gpt2onnx.load(tiny_gpt2.bundle)
+    ours = model.generate(input_ids=rows, max_length=12)
+    expected = reference_generate(tiny_gpt2.torch_model(), rows, pad=50256, eos=[50256], max_length=12)
+    assert [seq.generated_token_ids for seq in ours.sequences] == expected
+    assert max(len(seq.generated_token_ids) for seq in ours.sequences) == 12 - 5
+    cli = run_cli(
+        "generate", "--input-ids", "8001,9542,4430", "--model", str(tiny_gpt2.bundle), "--json", "--max-length", "7"
+    )
+    assert len(json.loads(cli.stdout)["results"][0]["sequences"][0]["generated_token_ids"]) == 4
+
+
 def test_stream_prints_the_same_text(tiny_gpt2: RandomGPT2) -> None:
     args = ("generate", "Artificial intelligence", "--model", str(tiny_gpt2.bundle), "--max-new-tokens", "8")
     streamed = run_cli(*args, "--stream")
@@ -101,7 +155,7 @@ def test_stream_prints_the_same_text(tiny_gpt2: RandomGPT2) -> None:
         (("x", "--model", "{missing}"), "bundle folder not found"),
         (("--input-ids", "{long_prompt}", "--max-new-tokens", "5"), "exceeds the model's context of 1024 tokens by"),
         (("x", "--max-new-tokens", "0"), "--max-new-tokens"),
-        (("x", "--top-p", "1.5"), "top_p must be"),
+        (("x", "--top-p", "1.5"), "error: --top-p must be <= 1.0, got 1.5"),
         (("x", "--temperature", "nan"), "--temperature"),
         (("--input-ids", "1,x,3"), "--input-ids"),
         (("--input-ids", "99999999"), "outside the vocabulary"),

@@ -1,4 +1,4 @@
-"""export-gpt2 on real checkpoint folders: the shared tiny reference model, bundle contents, failure cleanup."""
+"""export-gpt2 on real checkpoint folders: the tiny reference model (tests/fixtures), bundle contents, cleanup."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpt2onnx
-from conftest import random_gpt2, shared_file
+from conftest import REFERENCE_CHECKPOINT, random_gpt2
 from gpt2onnx.export.exporter import export_bundle
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError, InvalidInputError
@@ -18,7 +18,7 @@ from reference import reference_generate
 
 @pytest.fixture(scope="module")
 def reference_model_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    checkpoint = shared_file("reference-models/tiny-random-gpt2")
+    checkpoint = REFERENCE_CHECKPOINT
     return checkpoint, export_bundle(str(checkpoint), tmp_path_factory.mktemp("ref") / "tiny-random-gpt2")
 
 
@@ -30,6 +30,7 @@ def test_reference_checkpoint_bundle_records_what_it_is(reference_model_bundle: 
         "n_head": 4,
         "head_dim": 8,
         "n_embd": 32,
+        "n_inner": 128,
         "vocab_size": 1000,
         "n_positions": 512,
         "activation": "gelu_new",
@@ -73,12 +74,7 @@ def test_random_init_export_needs_no_checkpoint(tmp_path: Path, tokenizer_dir: P
     assert model.tokenizer.encode("Artificial intelligence") == [8001, 9542, 4430]
     again = export_bundle(output=tmp_path / "random-again", random_init="tiny", seed=4)
     assert (again / "model.onnx").read_bytes() == (folder / "model.onnx").read_bytes(), "same seed, same weights"
-    assert not (again / "tokenizer.json").exists()
-    with pytest.raises(InvalidInputError, match="has no tokenizer"):
-        gpt2onnx.load(again).generate("text")
-    assert gpt2onnx.load(again).generate(input_ids=[1, 2, 3], max_new_tokens=2).results[0].sequences[0].token_ids[
-        :3
-    ] == [1, 2, 3]
+    assert (again / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes(), "the shipped one"
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +109,7 @@ def test_validation_failure_is_reported(tmp_path: Path, monkeypatch: pytest.Monk
 def test_non_gpt2_checkpoint_is_refused(tmp_path: Path) -> None:
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    with pytest.raises(InvalidInputError, match="not a GPT-2 checkpoint: model type 'bert' \\(BertModel\\)"):
+    with pytest.raises(InvalidInputError, match="is not a GPT-2 checkpoint \\(model_type 'bert': BertModel\\)"):
         export_bundle(str(tmp_path / "bert"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import psutil
@@ -108,21 +109,48 @@ def test_ctrl_c_during_stream_stops_promptly_keeping_the_text(tiny_gpt2: RandomG
     assert full.text.startswith(printed) and len(printed) < len(full.text), "the text printed so far is intact"
 
 
-def test_memory_stays_flat_over_many_calls(tiny_gpt2: RandomGPT2) -> None:
-    """RSS after 400 more calls grows by less than 16 MiB (a leak of one cache per call would be far more)."""
-    model = gpt2onnx.load(tiny_gpt2.bundle)
+LEAK_BOUND = 1 << 20  # bytes of numpy and Python memory 200 calls may keep; one cache kept per call is ~2.8 MB
+
+
+def memory_growth(model: gpt2onnx.GPT2Model, calls: int = 200) -> tuple[int, int]:
+    """(traced, rss): what `calls` more generate + stream calls keep, after a warm-up, in bytes. traced counts numpy
+    arrays and Python objects (tracemalloc: exact, whatever onnxruntime's arenas do); rss the whole process."""
     process = psutil.Process(os.getpid())
 
-    def calls(count: int) -> None:
+    def run(count: int) -> None:
         for index in range(count):
             model.generate(["Artificial intelligence", "a"][index % 2], max_new_tokens=24)
             list(model.stream("b", max_new_tokens=4))
 
-    calls(100)  # warm up allocators and onnxruntime's arenas
-    before = process.memory_info().rss
-    calls(400)
-    growth = process.memory_info().rss - before
-    assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 400 calls"
+    run(50)  # warm up allocators and onnxruntime's arenas
+    tracemalloc.start()
+    try:
+        traced, rss = tracemalloc.get_traced_memory()[0], process.memory_info().rss
+        run(calls)
+        return tracemalloc.get_traced_memory()[0] - traced, process.memory_info().rss - rss
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_stays_flat_over_many_calls(tiny_gpt2: RandomGPT2) -> None:
+    traced, rss = memory_growth(gpt2onnx.load(tiny_gpt2.bundle))
+    assert traced < LEAK_BOUND, f"numpy/Python memory grew by {traced / 2**20:.2f} MiB over 200 calls"
+    assert rss < 16 * 2**20, f"RSS grew by {rss / 2**20:.1f} MiB over 200 calls"
+
+
+def test_the_memory_check_catches_a_leak_of_one_cache_per_call(tiny_gpt2: RandomGPT2) -> None:
+    """The same measurement with every call's cache kept alive (a leak) must exceed the bound."""
+    model = gpt2onnx.load(tiny_gpt2.bundle)
+    kept = []
+    empty_cache = model.session.empty_cache
+
+    def leaking_empty_cache(*args, **kwargs):
+        kept.append(empty_cache(*args, **kwargs))
+        return kept[-1]
+
+    model.session.empty_cache = leaking_empty_cache
+    traced, _ = memory_growth(model)
+    assert len(kept) >= 400 and traced > LEAK_BOUND, f"a leaked cache per call added only {traced / 2**20:.2f} MiB"
 
 
 def test_session_threads_stop_spinning_when_a_run_returns(tiny_gpt2: RandomGPT2) -> None:

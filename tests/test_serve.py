@@ -406,8 +406,8 @@ def test_workers_share_the_cores_unless_threads_are_given(monkeypatch: pytest.Mo
         raise gpt2onnx.BundleError("stop here")
 
     monkeypatch.setattr(gpt2onnx, "load", fake_load)
-    assert command.main(["--workers", "3"]) == 2
-    assert command.main(["--workers", "3", "--threads", "5"]) == 2
+    assert command.main(["--model", "x", "--port", "0", "--workers", "3"]) == 2
+    assert command.main(["--model", "x", "--port", "0", "--workers", "3", "--threads", "5"]) == 2
     assert asked == [2, 5]
 
 
