@@ -12,6 +12,7 @@ __all__ = [
     "BundleError",
     "GPT2OnnxError",
     "GenerationOptions",
+    "Generator",
     "InvalidInputError",
     "ProviderError",
     "__version__",
@@ -20,9 +21,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # `load` pulls in onnxruntime; keep `import gpt2onnx` (and the exporter's use of the bundle format) free of it.
+    # `load` and `Generator` pull in onnxruntime; keep `import gpt2onnx` (and the exporter's use of the bundle
+    # format) free of it.
     if name == "load":
         from gpt2onnx.runtime.model import load
 
         return load
+    if name == "Generator":
+        from gpt2onnx.runtime.generator import Generator
+
+        return Generator
     raise AttributeError(name)

@@ -44,7 +44,7 @@ def _leading_match(a: list[int], b: list[int]) -> int:
 def _torch_greedy(model: Any, rows: list[list[int]], new_tokens: int, exact_length: bool = False) -> list[list[int]]:
     import torch
 
-    from gpt2onnx.runtime.generation import PaddedBatch
+    from gpt2onnx.runtime.padding import PaddedBatch
 
     batch = PaddedBatch.from_rows(rows, pad_token_id=EOS)
     with torch.no_grad():

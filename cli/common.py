@@ -77,11 +77,10 @@ def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     }
 
 
-def in_flags(error: InvalidInputError, flags: Mapping[str, str]) -> str:
-    """An option error told in command-line flags: 'top_p must be <= 1.0' -> '--top-p must be <= 1.0'."""
-    message = str(error)
+def in_flags(message: str, flags: Mapping[str, str], option: str | None = None) -> str:
+    """An option message told in command-line flags: 'top_p must be <= 1.0' -> '--top-p must be <= 1.0'."""
     for name, flag in flags.items():
-        if "_" in name or name == error.option:  # plain words such as 'stop' only where the error is about them
+        if "_" in name or name == option:  # plain words such as 'stop' only where the message is about them
             message = re.sub(rf"(?<![\w-]){re.escape(name)}\b", flag, message)
     return message
 
@@ -98,7 +97,7 @@ def run_command(prog: str, body: Callable[[], int], flags: Mapping[str, str] | N
             warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
             return body()
     except InvalidInputError as error:
-        print(f"{prog}: error: {in_flags(error, flags or {})}", file=sys.stderr)
+        print(f"{prog}: error: {in_flags(str(error), flags or {}, error.option)}", file=sys.stderr)
         return EXIT_USAGE
     except USAGE_ERRORS as error:
         print(f"{prog}: error: {error}", file=sys.stderr)

@@ -9,11 +9,13 @@ import sys
 from typing import Any
 
 from gpt2onnx import __version__
+from gpt2onnx.runtime.options import GenerationOptions
 
 from .common import (
     ArgumentParser,
     add_bundle_arguments,
     finite_float,
+    in_flags,
     load_bundle,
     non_negative_int,
     option_flags,
@@ -164,10 +166,10 @@ def _check_combinations(parser: ArgumentParser, args: Any) -> None:
             parser.error("--stream and --json cannot be combined")
         if len(args.prompts) + len(args.prompt_file or ()) > 1 or len(args.input_ids or ()) > 1:
             parser.error("--stream takes one prompt")
-        if (args.num_beams or 1) > 1:
-            parser.error("--stream works with greedy search and sampling, not with --num-beams > 1")
-        if (args.num_return_sequences or 1) > 1:
-            parser.error("--stream prints one sequence: --num-return-sequences must be 1")
+        search = GenerationOptions(num_beams=args.num_beams or 1, num_return_sequences=args.num_return_sequences or 1)
+        refusal = search.streaming_refusal()
+        if refusal:
+            parser.error(f"--stream {in_flags(refusal, option_flags(parser))}")
 
 
 def _print_token_table(model: Any, token_ids: list[int]) -> None:

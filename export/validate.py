@@ -53,7 +53,7 @@ class ValidationReport:
 def _reference_logits(model: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     import torch
 
-    from gpt2onnx.runtime.generation import position_ids_from_mask
+    from gpt2onnx.runtime.padding import position_ids_from_mask
 
     with torch.no_grad():
         output = model(
@@ -91,7 +91,7 @@ def validate_bundle(
     logits against PyTorch on the whole sequence); and sequences that PyTorch continued greedily, fed whole
     (teacher forcing), where the share of positions whose top-1 token matches PyTorch's is the agreement.
     """
-    from gpt2onnx.runtime.generation import PaddedBatch, position_ids_from_mask
+    from gpt2onnx.runtime.padding import PaddedBatch, position_ids_from_mask
     from gpt2onnx.runtime.session import DecoderSession
 
     rng = np.random.default_rng(seed)

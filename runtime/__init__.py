@@ -3,7 +3,15 @@
 from .errors import BundleError, GPT2OnnxError, InvalidInputError, ProviderError
 from .options import GenerationOptions
 
-__all__ = ["BundleError", "GPT2OnnxError", "GenerationOptions", "InvalidInputError", "ProviderError", "load"]
+__all__ = [
+    "BundleError",
+    "GPT2OnnxError",
+    "GenerationOptions",
+    "Generator",
+    "InvalidInputError",
+    "ProviderError",
+    "load",
+]
 
 
 def __getattr__(name: str):
@@ -11,4 +19,8 @@ def __getattr__(name: str):
         from .model import load
 
         return load
+    if name == "Generator":
+        from .generator import Generator
+
+        return Generator
     raise AttributeError(name)

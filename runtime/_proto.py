@@ -1,7 +1,8 @@
 """A tiny ONNX model written as protobuf bytes by hand, so that the runtime needs no `onnx` package.
 
-gather_rows_model(count, dtype): inputs `rows` (int64 [n]) and x0..x{count-1}; outputs y{i} = Gather(x{i}, rows,
-axis=0). The session uses it to reorder device-resident cache rows (beams) without a trip through host memory.
+gather_model(count, dtype, axis): inputs `indices` (int64 [n]) and x0..x{count-1}; outputs y{i} = Gather(x{i},
+indices, axis). The session uses it to reorder device-resident cache rows (beams, axis 0) and to cut positions
+(rewind, axis 2) without a trip through host memory.
 Field numbers are those of onnx.proto (ModelProto, GraphProto, NodeProto, AttributeProto, ValueInfoProto, TypeProto).
 """
 
@@ -42,18 +43,19 @@ def _tensor_value(name: str, element_type: int, dims: tuple[str, ...]) -> bytes:
     return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, element_type) + _bytes(2, shape)))
 
 
-def gather_rows_model(count: int, dtype: type) -> bytes:
-    """Serialized ModelProto of `count` parallel Gathers along axis 0 over one shared `rows` index input."""
+def gather_model(count: int, dtype: type, axis: int) -> bytes:
+    """Serialized ModelProto of `count` parallel Gathers along `axis` over one shared `indices` input."""
     element = ELEMENT_TYPES[np.dtype(dtype)]
-    axis = _bytes(5, _bytes(1, "axis") + _int(3, 0) + _int(20, ATTRIBUTE_INT))
+    attribute = _bytes(5, _bytes(1, "axis") + _int(3, axis) + _int(20, ATTRIBUTE_INT))
     graph = b"".join(
-        _bytes(1, _bytes(1, f"x{i}") + _bytes(1, "rows") + _bytes(2, f"y{i}") + _bytes(4, "Gather") + axis)
+        _bytes(1, _bytes(1, f"x{i}") + _bytes(1, "indices") + _bytes(2, f"y{i}") + _bytes(4, "Gather") + attribute)
         for i in range(count)
     )
-    graph += _bytes(2, "gather_rows")
-    rows, cache = ("rows",), ("batch", "heads", "length", "head_dim")
-    graph += _bytes(11, _tensor_value("rows", ELEMENT_TYPES[np.dtype(np.int64)], rows))
+    graph += _bytes(2, f"gather_axis_{axis}")
+    cache = ("batch", "heads", "length", "head_dim")
+    gathered = (*cache[:axis], "picked", *cache[axis + 1 :])
+    graph += _bytes(11, _tensor_value("indices", ELEMENT_TYPES[np.dtype(np.int64)], ("picked",)))
     graph += b"".join(_bytes(11, _tensor_value(f"x{i}", element, cache)) for i in range(count))
-    graph += b"".join(_bytes(12, _tensor_value(f"y{i}", element, rows + cache[1:])) for i in range(count))
+    graph += b"".join(_bytes(12, _tensor_value(f"y{i}", element, gathered)) for i in range(count))
     opset = _bytes(1, "") + _int(2, OPSET)
     return _int(1, IR_VERSION) + _bytes(2, "gpt2onnx") + _bytes(7, graph) + _bytes(8, opset)

@@ -1,4 +1,5 @@
-"""Beam search and beam sampling, step for step as transformers 5.x `GenerationMixin._beam_search`.
+"""Beam search and beam sampling, step for step as transformers 5.x `GenerationMixin._beam_search`: a search
+strategy over the Generator's rows (runtime/generator.py runs the model; this chooses and reorders the beams).
 
 Vectorised over prompts and beams like transformers: each step keeps the best (or, sampling, a random draw of)
 K = max(2, 1 + number of EOS ids) * num_beams continuations of all beams, continues the best num_beams of them that
@@ -10,28 +11,15 @@ every -1e9 mask is added in transformers' order, so rankings agree with it; exac
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import numpy as np
 
-from .generation import PaddedBatch, ScoresProcessor, StoppingCriterion, is_eos, prefill
 from .options import GenerationOptions
-from .processors import log_softmax, top_k
-from .search import Continuation, Sampler
-from .session import DecoderSession
+from .processors import top_k
+from .search import Continuation, Sampler, is_eos
+from .stopping import Criterion
 
 NEG = np.float32(-1.0e9)
 History = dict[str, np.ndarray]  # per-beam arrays [batch, beams, ...] that move together with their beam
-
-
-@dataclass
-class BeamOutput:
-    """What a beam search returns, with the counts its caller's timing needs."""
-
-    continuations: list[Continuation]  # num_return_sequences per prompt, best first
-    steps: int
-    prefill_seconds: float
 
 
 def _gather(history: History, indices: np.ndarray) -> History:
@@ -46,32 +34,23 @@ def _gather(history: History, indices: np.ndarray) -> History:
 class BeamSearch:
     """The state of a beam search over a batch of prompts; `advance` takes one step's processed log-probabilities."""
 
-    def __init__(
-        self,
-        prompts: PaddedBatch,
-        options: GenerationOptions,
-        stopping: StoppingCriterion | None = None,
-    ) -> None:
-        self.batch, self.prompt_length = prompts.input_ids.shape
+    def __init__(self, prompts: np.ndarray, options: GenerationOptions, stopping: Criterion | None = None) -> None:
+        """prompts: the padded prompt ids [batch, prompt_length]."""
+        self.options = options
+        self.batch, self.prompt_length = prompts.shape
         self.beams = options.num_beams
-        self.max_new_tokens = options.max_new_tokens
-        self.length_penalty = options.length_penalty
-        self.early_stopping = options.early_stopping
-        self.returned = options.num_return_sequences
         self.eos = np.asarray(options.eos_token_ids, dtype=np.int64)
         self.keep = max(2, 1 + len(self.eos)) * self.beams
         self.stopping = stopping
         self.sampler = Sampler(options.seed) if options.do_sample else None
-        self.top = options.top_logprobs
-        self.record = options.records_logprobs
-        total = self.prompt_length + self.max_new_tokens
+        total = self.prompt_length + options.max_new_tokens
         sequences = np.zeros((self.batch, self.beams, total), dtype=np.int64)
-        sequences[:, :, : self.prompt_length] = prompts.input_ids[:, None, :]
+        sequences[:, :, : self.prompt_length] = prompts[:, None, :]
         self.running: History = {"sequences": sequences}
-        if self.record:
-            self.running["logprobs"] = np.zeros((self.batch, self.beams, self.max_new_tokens), np.float32)
-        if self.top:
-            shape = (self.batch, self.beams, self.max_new_tokens, self.top)
+        if options.records_logprobs:
+            self.running["logprobs"] = np.zeros((self.batch, self.beams, options.max_new_tokens), np.float32)
+        if options.top_logprobs:
+            shape = (self.batch, self.beams, options.max_new_tokens, options.top_logprobs)
             self.running["top_ids"] = np.zeros(shape, np.int64)
             self.running["top_logprobs"] = np.zeros(shape, np.float32)
         # Only beam 0 starts live, so the first step does not pick the same token from identical beams.
@@ -110,18 +89,19 @@ class BeamSearch:
         source, tokens = indices // vocab, indices % vocab
         candidates = _gather(self.running, source)
         candidates["sequences"][:, :, cur_len] = tokens
-        if self.record:
+        if self.options.records_logprobs:
             candidates["logprobs"][:, :, step] = np.take_along_axis(flat, indices, axis=1)
-        if self.top:
-            best, best_ids = top_k(log_probs, self.top)
+        if self.options.top_logprobs:
+            best, best_ids = top_k(log_probs, self.options.top_logprobs)
             step_top = {"top_ids": best_ids.reshape(batch, beams, -1), "top_logprobs": best.reshape(batch, beams, -1)}
             for name, array in _gather(step_top, source).items():
                 candidates[name][:, :, step] = array
         stopped = is_eos(tokens, self.eos)
         if self.stopping is not None:
             ids = candidates["sequences"].reshape(batch * self.keep, -1)  # a view: _gather made it contiguous
-            stopped |= self.stopping(ids, cur_len + 1, np.arange(batch * self.keep)).reshape(batch, self.keep)
-        ends = stopped | (cur_len + 1 >= self.prompt_length + self.max_new_tokens)
+            checked = np.arange(batch * self.keep)
+            stopped |= self.stopping(ids, cur_len + 1, checked, None).reshape(batch, self.keep)
+        ends = stopped | (cur_len + 1 >= self.prompt_length + self.options.max_new_tokens)
 
         # Continue with the best num_beams candidates that did not just end.
         live_scores = values + ends.astype(np.float32) * NEG
@@ -134,7 +114,7 @@ class BeamSearch:
         self._update_improvable(step)
         go_on = (
             self.improvable.any()
-            and not (self.finished["done"].all() and self.early_stopping is True)
+            and not (self.finished["done"].all() and self.options.early_stopping is True)
             and not ends.all()
         )
         return parents.reshape(-1), self.running["sequences"][:, :, cur_len].reshape(-1), not go_on
@@ -144,10 +124,10 @@ class BeamSearch:
     ) -> None:
         """Merge the candidates among the top num_beams that just ended into the finished hypotheses."""
         just_ended = ends & (np.arange(self.keep) < self.beams)[None, :]
-        full = self.finished["done"].all(axis=1, keepdims=True) & (self.early_stopping is True)
+        full = self.finished["done"].all(axis=1, keepdims=True) & (self.options.early_stopping is True)
         if not (just_ended & ~full & self.improvable).any():
             return  # every candidate would score below -1e9, under all finished hypotheses: nothing changes
-        scores = values / np.float32((step + 1) ** self.length_penalty)
+        scores = values / np.float32((step + 1) ** self.options.length_penalty)
         scores = scores + full.astype(np.float32) * NEG
         scores = scores + (~self.improvable).astype(np.float32) * NEG
         scores = scores + (~just_ended).astype(np.float32) * NEG
@@ -163,9 +143,10 @@ class BeamSearch:
     def _update_improvable(self, step: int) -> None:
         """transformers' _check_early_stop_heuristic: can a running beam still beat the worst finished one?"""
         # With "never" and a positive length penalty the best score could still come at the full length.
-        never = self.early_stopping == "never" and self.length_penalty > 0.0
-        length = self.max_new_tokens if never else step + 1
-        best_running = self.running_scores[:, :1] / np.float32(length**self.length_penalty)
+        penalty = self.options.length_penalty
+        never = self.options.early_stopping == "never" and penalty > 0.0
+        length = self.options.max_new_tokens if never else step + 1
+        best_running = self.running_scores[:, :1] / np.float32(length**penalty)
         worst_finished = np.where(
             self.finished["done"], self.finished_scores.min(axis=1, keepdims=True), np.float32(-1.0e9)
         )
@@ -175,7 +156,7 @@ class BeamSearch:
         """The best num_return_sequences finished hypotheses of each prompt, best first, prompt after prompt."""
         found = []
         for row in range(self.batch):
-            for rank in range(self.returned):
+            for rank in range(self.options.num_return_sequences):
                 length = int(self.finished["length"][row, rank])
                 recorded = {
                     name: self.finished[name][row, rank, :length] if name in self.finished else None
@@ -215,32 +196,3 @@ class CacheRows:
         rows = np.arange(len(parents))
         rows[free] = parent_rows[~keeps]
         return rows
-
-
-def beam_search(
-    session: DecoderSession,
-    prompts: PaddedBatch,
-    processors: ScoresProcessor,
-    search: BeamSearch,
-) -> BeamOutput:
-    """Run a beam search to the end: the prompt once per prompt, then one forward pass of all beams per step."""
-    start = time.perf_counter()
-    begun = prefill(session, prompts, search.beams, search.max_new_tokens)
-    prefill_seconds = time.perf_counter() - start
-    logits, past = begun.logits, begun.past
-    prompt_length = prompts.input_ids.shape[1]
-    cache_rows = CacheRows(len(logits))
-    fed = np.empty((len(logits), 1), np.int64)
-    step = 0
-    while True:
-        log_probs = processors(search.running_sequences(step), log_softmax(logits))
-        parents, tokens, done = search.advance(log_probs, step)
-        step += 1
-        if done:
-            break
-        past = past.reorder(cache_rows.follow(parents))  # in place, copying only the rows given to new children
-        fed[cache_rows.of_beam, 0] = tokens  # positions and masks are the same for all beams of a prompt
-        mask = begun.attention_mask[:, : prompt_length + step]
-        logits, past = session.forward(fed, mask, begun.next_positions[step - 1], past)
-        logits = logits[cache_rows.of_beam, -1]
-    return BeamOutput(search.results(), step, prefill_seconds)

@@ -1,9 +1,10 @@
-"""The public model object: load a bundle, then generate, stream, and look at next-token probabilities."""
+"""The public model object: load a bundle, then generate, stream, score, step a Generator, and look at next-token
+probabilities. Every decoding call here is a short driver of runtime/generator.py's Generator."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,21 +12,20 @@ from typing import Any
 
 import numpy as np
 
-from .beam_search import BeamSearch, beam_search
 from .bundle import Manifest, check_hashes, read_manifest
 from .errors import BundleError, InvalidInputError, counted
-from .generation import PaddedBatch, Step, token_steps
+from .generator import Generator
 from .options import GenerationOptions
-from .outputs import GeneratedSequence, GenerationOutput, PromptResult, Timing
-from .processors import build_logits_processors, softmax
-from .search import Continuation, Sampler, StepLogprobs, greedy_choice, row_continuations, step_logprobs
+from .outputs import GeneratedSequence, GenerationOutput, PromptResult, ScoreResult, Timing
+from .processors import LogitsProcessor, softmax
+from .prompts import EncodedPrompts, IdsInput, PromptInput, encode_prompts
+from .scoring import token_logprobs
+from .search import Continuation
 from .session import DecoderSession
-from .stop_strings import StopStringCriterion, cut_at_stop
+from .stop_strings import cut_at_stop
+from .stopping import UserCriterion
 from .streaming import TextStream
 from .tokenizer import Tokenizer
-
-PromptInput = str | Sequence[str] | None
-IdsInput = Sequence[int] | Sequence[Sequence[int]] | None
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,8 @@ class TokenProbability:
     probability: float
 
 
-@dataclass(frozen=True)
-class EncodedPrompts:
-    prompts: list[str | None]
-    rows: list[list[int]]
-
-
 class GPT2Model:
-    """A loaded bundle. Safe to share between threads: each call keeps its own generation state."""
+    """A loaded bundle. Safe to share between threads: each call (and each Generator) keeps its own state."""
 
     def __init__(self, manifest: Manifest, session: DecoderSession, tokenizer: Tokenizer | None) -> None:
         self.manifest = manifest
@@ -66,10 +60,11 @@ class GPT2Model:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            raise InvalidInputError(
-                f"bundle {self.manifest.folder} has no tokenizer: pass input_ids, or export with --tokenizer DIR"
-            )
+            raise InvalidInputError(self._no_tokenizer())
         return self._tokenizer
+
+    def _no_tokenizer(self) -> str:
+        return f"bundle {self.manifest.folder} has no tokenizer: pass input_ids, or export with --tokenizer DIR"
 
     def options(self, **overrides: Any) -> GenerationOptions:
         """The bundle's generation defaults overridden by keyword arguments, validated for this model."""
@@ -84,31 +79,10 @@ class GPT2Model:
 
     def encode(self, prompt: PromptInput = None, input_ids: IdsInput = None) -> EncodedPrompts:
         """Token ids of each prompt; an empty prompt starts from the BOS token, as transformers does with no input."""
-        if (prompt is None) == (input_ids is None):
-            raise InvalidInputError("give either a prompt (text or list of texts) or input_ids, not both or neither")
-        if prompt is not None:
-            if not isinstance(prompt, (str, list, tuple)):
-                raise InvalidInputError(f"a prompt must be a string or a list of strings, got {type(prompt).__name__}")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not prompts:
-                raise InvalidInputError("the list of prompts is empty")
-            for text in prompts:
-                _check_text(text)
-            rows = self.tokenizer.encode_batch(prompts)
-        else:
-            rows = _id_rows(input_ids)
-            prompts = [None] * len(rows)
-        vocab = self.manifest.architecture.vocab_size
-        for row in rows:
-            for token in row:
-                if not 0 <= token < vocab:
-                    raise InvalidInputError(f"token id {token} is outside the vocabulary (0..{vocab - 1})")
-        bos = self.manifest.bos_token_id
-        if any(not row for row in rows):
-            if bos is None:
-                raise InvalidInputError("empty prompt, and this model has no BOS token to start from")
-            rows = [row or [bos] for row in rows]
-        return EncodedPrompts(prompts, rows)
+        arch = self.manifest.architecture
+        return encode_prompts(
+            self._tokenizer, prompt, input_ids, arch.vocab_size, self.manifest.bos_token_id, self._no_tokenizer()
+        )
 
     def check_context(self, rows: list[list[int]], max_new_tokens: int) -> None:
         """InvalidInputError if the longest row plus max_new_tokens does not fit the model's context."""
@@ -121,32 +95,64 @@ class GPT2Model:
                 option="max_new_tokens",
             )
 
-    def _check_request(self, rows: list[list[int]], config: GenerationOptions) -> None:
-        self.check_context(rows, config.max_new_tokens)
-        if config.stop and self._tokenizer is None:
-            raise InvalidInputError(f"stop strings need a tokenizer, and bundle {self.manifest.folder} has none")
+    def generator(
+        self,
+        *,
+        logits_processor: Sequence[LogitsProcessor] = (),
+        stopping_criteria: Sequence[UserCriterion] = (),
+        **options: Any,
+    ) -> Generator:
+        """A Generator with these options (generate()'s names and defaults): append_tokens, then generate_next_token
+        until is_done(). logits_processor: callables f(input_ids, scores) -> scores applied after the built-in
+        processors; stopping_criteria: callables g(input_ids, scores) -> bool per row (True: that row is done)."""
+        return self._generator(self.options(**options), logits_processor, stopping_criteria)
 
-    def generate(self, prompt: PromptInput = None, *, input_ids: IdsInput = None, **options: Any) -> GenerationOutput:
+    def _generator(
+        self,
+        config: GenerationOptions,
+        logits_processor: Sequence[LogitsProcessor] = (),
+        stopping_criteria: Sequence[UserCriterion] = (),
+    ) -> Generator:
+        return Generator(
+            self.session,
+            self._tokenizer,
+            config,
+            pad_token_id=self.pad_token_id(config),
+            bos_token_id=self.manifest.bos_token_id,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+        )
+
+    def generate(
+        self,
+        prompt: PromptInput = None,
+        *,
+        input_ids: IdsInput = None,
+        logits_processor: Sequence[LogitsProcessor] = (),
+        stopping_criteria: Sequence[UserCriterion] = (),
+        **options: Any,
+    ) -> GenerationOutput:
         """Generate from a prompt, a list of prompts, or input_ids (a list of ids, or a list of such lists).
 
         Options are transformers' GenerationConfig names (max_new_tokens, do_sample, num_beams, ...) plus seed,
         stop (strings that end a sequence and are cut from its text), output_scores and top_logprobs (per-step
-        log-probabilities of the chosen tokens and of the N best alternatives).
+        log-probabilities of the chosen tokens and of the N best alternatives); logits_processor and
+        stopping_criteria as for generator().
         """
         config = self.options(**options)
         encoded = self.encode(prompt, input_ids)
         config = config.for_prompt(max(len(row) for row in encoded.rows))
-        self._check_request(encoded.rows, config)
-        batch = PaddedBatch.from_rows(encoded.rows, self.pad_token_id(config))
+        self.check_context(encoded.rows, config.max_new_tokens)
+        generator = self._generator(config, logits_processor, stopping_criteria)
         start = time.perf_counter()
-        if config.num_beams > 1:
-            continuations, steps, prefill_s = self._beam_search(batch, config)
-        else:
-            continuations, steps, prefill_s = self._sample(batch, config)
+        generator.append_tokens(encoded.rows)
+        while not generator.is_done():
+            generator.generate_next_token()
         total_s = time.perf_counter() - start
+        continuations, steps = generator.continuations(), generator.steps
         timing = Timing(
-            prefill_ms=prefill_s * 1000,
-            decode_ms_per_token=(total_s - prefill_s) * 1000 / (steps - 1) if steps > 1 else 0.0,
+            prefill_ms=generator.prefill_seconds * 1000,
+            decode_ms_per_token=(total_s - generator.prefill_seconds) * 1000 / (steps - 1) if steps > 1 else 0.0,
             tokens_generated=sum(len(item.tokens) for item in continuations),
         )
         count = config.num_return_sequences
@@ -158,32 +164,14 @@ class GPT2Model:
         ]
         return GenerationOutput(results, timing)
 
-    def _sample(self, batch: PaddedBatch, config: GenerationOptions) -> tuple[list[Continuation], int, float]:
-        """Greedy search or sampling: num_return_sequences rows per prompt, one token per row and step."""
-        tokens: list[np.ndarray] = []
-        finished: list[np.ndarray] = []
-        logprobs: list[StepLogprobs] = []
-        start = time.perf_counter()
-        prefill_s = 0.0
-        for step in self._steps(batch, config, config.num_return_sequences):
-            if not tokens:
-                prefill_s = time.perf_counter() - start
-            tokens.append(step.tokens)
-            finished.append(step.finished)
-            if config.records_logprobs:
-                logprobs.append(step_logprobs(step.scores, step.tokens, config.top_logprobs))
-        return row_continuations(tokens, finished, logprobs), len(tokens), prefill_s
-
-    def _beam_search(self, batch: PaddedBatch, config: GenerationOptions) -> tuple[list[Continuation], int, float]:
-        prompt_length = batch.input_ids.shape[1]
-        pad_lengths = np.repeat(batch.pad_lengths(), config.num_beams)
-        processors = build_logits_processors(config, prompt_length, config.eos_token_ids, pad_lengths)
-        search = BeamSearch(batch, config, self._stopping(config, prompt_length))
-        output = beam_search(self.session, batch, processors, search)
-        return output.continuations, output.steps, output.prefill_seconds
-
     def stream(
-        self, prompt: str | None = None, *, input_ids: Sequence[int] | None = None, **options: Any
+        self,
+        prompt: str | None = None,
+        *,
+        input_ids: Sequence[int] | None = None,
+        logits_processor: Sequence[LogitsProcessor] = (),
+        stopping_criteria: Sequence[UserCriterion] = (),
+        **options: Any,
     ) -> TextStream:
         """Text pieces of one prompt's continuation as tokens arrive (greedy search or sampling), as a TextStream.
 
@@ -192,17 +180,17 @@ class GPT2Model:
         Arguments are checked at the call, before the first piece is asked for.
         """
         config = self.options(**options)
-        if config.num_beams > 1:
-            raise InvalidInputError("stream() works with greedy search and sampling, not beam search (num_beams > 1)")
-        if config.num_return_sequences > 1:
-            raise InvalidInputError("stream() yields one sequence: num_return_sequences must be 1")
+        refusal = config.streaming_refusal()
+        if refusal:
+            raise InvalidInputError(f"stream() {refusal}", option="num_beams")
         encoded = self.encode(prompt, input_ids)
         if len(encoded.rows) != 1:
             raise InvalidInputError("stream() takes one prompt or one sequence of input_ids, not a batch")
         config = config.for_prompt(len(encoded.rows[0]))
-        self._check_request(encoded.rows, config)
-        batch = PaddedBatch.from_rows(encoded.rows, self.pad_token_id(config))
-        return TextStream(self._steps(batch, config), self.tokenizer.stream_decoder(), config.stop)
+        self.check_context(encoded.rows, config.max_new_tokens)
+        generator = self._generator(config, logits_processor, stopping_criteria)
+        generator.append_tokens(encoded.rows)
+        return TextStream(generator, self.tokenizer.stream_decoder(), config.stop)
 
     def next_token_probs(
         self, prompt: str | None = None, *, input_ids: Sequence[int] | None = None, top: int = 10
@@ -214,37 +202,25 @@ class GPT2Model:
         if len(encoded.rows) != 1:
             raise InvalidInputError("next_token_probs() takes one prompt")
         self.check_context(encoded.rows, 0)
-        batch = PaddedBatch.from_rows(encoded.rows, 0)
-        logits, _ = self.session.forward(
-            batch.input_ids,
-            batch.attention_mask,
-            np.arange(batch.input_ids.shape[1])[None],
-            self.session.empty_cache(1, capacity=batch.input_ids.shape[1]),
-        )
-        probabilities = softmax(logits[0, -1].astype(np.float64))
+        generator = self._generator(GenerationOptions(max_new_tokens=1, eos_token_id=self.manifest.eos_token_id))
+        generator.append_tokens(encoded.rows)
+        probabilities = softmax(generator.get_logits()[0].astype(np.float64))
         order = np.argsort(-probabilities, kind="stable")[:top]
         texts = self._tokenizer.token_strings(order.tolist()) if self._tokenizer else [None] * len(order)
         return [TokenProbability(int(i), text, float(probabilities[i])) for i, text in zip(order, texts, strict=True)]
 
-    def _steps(self, batch: PaddedBatch, config: GenerationOptions, repeat: int = 1) -> Iterator[Step]:
-        prompt_length = batch.input_ids.shape[1]
-        pad_lengths = np.repeat(batch.pad_lengths(), repeat)
-        processors = build_logits_processors(config, prompt_length, config.eos_token_ids, pad_lengths)
-        choose = Sampler(config.seed) if config.do_sample else greedy_choice
-        return token_steps(
-            self.session,
-            batch,
-            repeat,
-            config.max_new_tokens,
-            processors,
-            choose,
-            config.eos_token_ids,
-            self.pad_token_id(config),
-            self._stopping(config, prompt_length),
-        )
-
-    def _stopping(self, config: GenerationOptions, prompt_length: int) -> StopStringCriterion | None:
-        return StopStringCriterion(self.tokenizer, config.stop, prompt_length) if config.stop else None
+    def score(self, text: str | None = None, *, input_ids: Sequence[int] | None = None) -> ScoreResult:
+        """Teacher forcing: each token's log-probability under the model given the tokens before it, and the
+        perplexity exp(-mean) of those; one text or one list of ids, at least 2 tokens, within the context."""
+        encoded = self.encode(text, input_ids)
+        if len(encoded.rows) != 1:
+            raise InvalidInputError("score() takes one text or one sequence of input_ids, not a batch")
+        ids = encoded.rows[0]
+        if len(ids) < 2:
+            raise InvalidInputError("score() needs at least 2 tokens: the first one has nothing before it")
+        self.check_context(encoded.rows, 0)
+        logprobs = token_logprobs(self.session, np.asarray(ids, dtype=np.int64))
+        return ScoreResult(ids, logprobs.tolist(), float(np.exp(-logprobs.mean())))
 
     def _sequence(
         self, prompt_ids: list[int], continuation: Continuation, config: GenerationOptions
@@ -265,36 +241,6 @@ class GPT2Model:
             logprobs=continuation.token_logprobs(),
             finish_reason="stop" if continuation.stopped else "length",
         )
-
-
-def _check_text(text: object) -> None:
-    if not isinstance(text, str):
-        raise InvalidInputError(f"a prompt must be a string, got {type(text).__name__}")
-    if "\x00" in text:
-        raise InvalidInputError("the prompt contains a NUL character")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInputError("the prompt is not valid UTF-8 (it contains a lone surrogate)") from None
-
-
-def _id_rows(input_ids: IdsInput) -> list[list[int]]:
-    """input_ids as a list of rows: a flat list of ints is one row; numpy arrays are accepted."""
-    if isinstance(input_ids, np.ndarray):
-        input_ids = input_ids.tolist()
-    if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence) or len(input_ids) == 0:
-        raise InvalidInputError("input_ids must be a non-empty list of token ids, or a list of such lists")
-    rows = [input_ids] if not isinstance(input_ids[0], (Sequence, np.ndarray)) else list(input_ids)
-    result = []
-    for row in rows:
-        row = row.tolist() if isinstance(row, np.ndarray) else row
-        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
-            raise InvalidInputError("input_ids must be a list of token ids, or a list of such lists")
-        for token in row:
-            if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
-                raise InvalidInputError(f"input_ids must hold integers, got {token!r}")
-        result.append([int(token) for token in row])
-    return result
 
 
 def load(path: str | Path, provider: str = "auto", verify_hashes: bool = True, threads: int | None = None) -> GPT2Model:

@@ -155,6 +155,15 @@ class GenerationOptions:
         options.validate()
         return options
 
+    def streaming_refusal(self) -> str | None:
+        """Why these options cannot be streamed as one text (None: they can): a stream is one sequence, chosen a
+        token at a time, which beam search does not do (the CLI, stream() and the server all ask this)."""
+        if self.num_beams > 1:
+            return "works with greedy search and sampling, not beam search (num_beams > 1)"
+        if self.num_return_sequences > 1:
+            return "yields one sequence: num_return_sequences must be 1"
+        return None
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         if self.eos_token_id is None:

@@ -38,6 +38,16 @@ class PromptResult:
 
 
 @dataclass
+class ScoreResult:
+    """score(): each token's log-probability given the tokens before it (the first token has none), and the
+    perplexity exp(-mean log-probability), transformers' exp(loss)."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # len(token_ids) - 1 entries: logprobs[i] is of token_ids[i + 1]
+    perplexity: float
+
+
+@dataclass
 class Timing:
     prefill_ms: float
     decode_ms_per_token: float

@@ -80,16 +80,18 @@ def kth_largest(values: np.ndarray, k: int) -> np.ndarray:
 
 
 class RepetitionPenalty:
-    """Divide positive / multiply negative scores of tokens already in the row, once each (left padding skipped)."""
+    """Divide positive / multiply negative scores of tokens already in the row, once each (padding skipped)."""
 
-    def __init__(self, penalty: float, pad_lengths: np.ndarray | Sequence[int] | None = None) -> None:
+    def __init__(self, penalty: float, padding: np.ndarray | None = None) -> None:
+        """padding: bool [rows, n], True where one of the first n positions holds padding (not a token)."""
         self.penalty = np.float32(penalty)
-        self.pad_lengths = None if pad_lengths is None else np.asarray(pad_lengths, dtype=np.int64)
+        self.padding = None if padding is None else np.asarray(padding, dtype=bool)
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         counted = input_ids < scores.shape[-1]  # ids past the logits' width cannot be generated: nothing to penalise
-        if self.pad_lengths is not None:
-            counted &= np.arange(input_ids.shape[1]) >= self.pad_lengths[:, None]
+        if self.padding is not None:
+            width = min(self.padding.shape[1], input_ids.shape[1])
+            counted[:, :width] &= ~self.padding[:, :width]
         rows = np.broadcast_to(np.arange(input_ids.shape[0])[:, None], input_ids.shape)[counted]
         tokens = input_ids[counted]
         out = scores.copy()
@@ -295,19 +297,18 @@ def build_logits_processors(
     options: GenerationOptions,
     prompt_length: int,
     eos_token_ids: Sequence[int],
-    pad_lengths: np.ndarray | Sequence[int] | None = None,
+    padding: np.ndarray | None = None,
 ) -> LogitsProcessorChain:
     """The processors transformers' generate would use for these options, in its order.
 
-    prompt_length is the padded prompt width (input_ids.shape[1] before generation); pad_lengths, one per row of the
-    input_ids the chain will see (beams and return sequences included), is each row's count of left-padding
-    positions, i.e. the index of its first non-zero attention-mask entry: transformers 5.x leaves those positions
-    out of the repetition penalty. None means no padding.
+    prompt_length is the padded prompt width (input_ids.shape[1] before generation); padding, bool [rows, n] for the
+    rows the chain will see (beams and return sequences included), marks the padding among the first n positions
+    (attention mask 0): transformers 5.x leaves left padding out of the repetition penalty. None means no padding.
     """
     eos = tuple(eos_token_ids)
     processors: list[LogitsProcessor] = []
     if options.repetition_penalty != 1.0:
-        processors.append(RepetitionPenalty(options.repetition_penalty, pad_lengths))
+        processors.append(RepetitionPenalty(options.repetition_penalty, padding))
     if options.no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGram(options.no_repeat_ngram_size))
     if options.bad_words_ids is not None:

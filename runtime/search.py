@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .outputs import TokenLogprob
-from .processors import FILTER_VALUE, log_softmax, top_k
+from .processors import FILTER_VALUE, LogitsProcessorChain, log_softmax, top_k
 
 StepLogprobs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]  # chosen [rows], top ids / values [rows, top]
+TokenChooser = Callable[[np.ndarray], np.ndarray]  # processed scores [rows, vocab] -> one token per row
 
 
 @dataclass
@@ -35,6 +36,13 @@ class Continuation:
                 alternatives = list(zip(self.top_ids[step].tolist(), self.top_logprobs[step].tolist(), strict=True))
             entries.append(TokenLogprob(int(token), float(logprob), alternatives))
         return entries
+
+
+def is_eos(tokens: np.ndarray, eos_token_ids: np.ndarray) -> np.ndarray:
+    """Which tokens are one of the EOS ids (any shape; a plain comparison: np.isin costs more for a few ids)."""
+    if len(eos_token_ids) == 1:
+        return tokens == eos_token_ids[0]
+    return (tokens[..., None] == eos_token_ids).any(axis=-1)
 
 
 def greedy_choice(scores: np.ndarray) -> np.ndarray:
@@ -71,6 +79,26 @@ class Sampler:
         return top_k(keys, count)[1]
 
 
+class SamplerChain:
+    """Logits processors, then the choice of a token (greedy or a seeded Sampler): llama.cpp's sampler chain, itself
+    a sampler. A link with an `accept(tokens)` method is told the tokens chosen at each step (stateful links)."""
+
+    def __init__(self, processors: LogitsProcessorChain, choose: TokenChooser) -> None:
+        self.processors = processors
+        self.choose = choose
+        self._accepting = tuple(link for link in (*processors, choose) if hasattr(link, "accept"))
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [rows] chosen from scores [rows, vocab] after the processors, and the processed scores."""
+        if self.processors:
+            scores = self.processors(input_ids, scores)
+        return self.choose(scores), scores
+
+    def accept(self, tokens: np.ndarray) -> None:
+        for link in self._accepting:
+            link.accept(tokens)
+
+
 def step_logprobs(scores: np.ndarray, tokens: np.ndarray, top: int) -> StepLogprobs:
     """Log-probabilities (log-softmax of the processed scores) of the chosen tokens, and the `top` best per row."""
     logprobs = log_softmax(scores)
@@ -79,27 +107,3 @@ def step_logprobs(scores: np.ndarray, tokens: np.ndarray, top: int) -> StepLogpr
         return chosen, None, None
     best, best_ids = top_k(logprobs, top)
     return chosen, best_ids, best
-
-
-def row_continuations(
-    tokens: Sequence[np.ndarray], finished: Sequence[np.ndarray], logprobs: Sequence[StepLogprobs] = ()
-) -> list[Continuation]:
-    """Per-row continuations from per-step arrays ([rows] tokens and finished flags, step_logprobs' triples).
-
-    A row ends at the step where it finished; its later steps hold padding.
-    """
-    token_steps, finished_steps = np.stack(tokens, axis=1), np.stack(finished, axis=1)  # [rows, steps]
-    ended = finished_steps[:, -1]
-    lengths = np.where(ended, finished_steps.argmax(axis=1) + 1, finished_steps.shape[1])
-    stacked: list[np.ndarray | None] = [None, None, None]
-    if logprobs:
-        stacked = [None if parts[0] is None else np.stack(parts, axis=1) for parts in zip(*logprobs, strict=True)]
-    return [
-        Continuation(
-            token_steps[row, :length],
-            bool(ended[row]),
-            None,
-            *(None if array is None else array[row, :length] for array in stacked),
-        )
-        for row, length in enumerate(lengths.tolist())
-    ]

@@ -1,13 +1,14 @@
 """The onnxruntime session of a bundle's decoder graph: provider choice, threads, IO binding, and one forward step.
 
-A bundle's cache is growing or preallocated (bundle.json graph.kv_cache). Growing, on CPU a step is one run() call:
-numpy inputs are wrapped, not copied, and the outputs come back as numpy views of onnxruntime's buffers; the graph
-appends the new positions to the past it is given. Preallocated (CPU only), the cache is one numpy buffer per key and
-value, [batch, n_head, capacity, head_dim], bound through an IO binding as both the past input and the present output
-of every step: the graph writes the new positions into it in place, and no step copies the cache. With device_cache
-(growing caches on CUDA) the step runs through an IO binding too: new tokens, mask and positions are bound from host
-memory, the logits come back to host memory, and the present key/values stay on the device as OrtValues that are bound
-as the next step's past as they are, and reordered for beams on the device.
+The session picks its cache kind once (runtime/cache.py) and the step function that goes with it:
+- preallocated (bundle.json graph.kv_cache, CPU only): one numpy buffer per key and value, [batch, n_head, capacity,
+  head_dim], bound through an IO binding as both the past input and the present output of every step; the graph
+  writes the new positions into it in place, and no step copies the cache.
+- host (a growing cache on CPU): a step is one run() call; numpy inputs are wrapped, not copied, and the outputs come
+  back as numpy views of onnxruntime's buffers; the graph appends the new positions to the past it is given.
+- device (a growing cache on CUDA): the step runs through an IO binding: new tokens, mask and positions are bound
+  from host memory, the logits come back to host memory, and the present key/values stay on the device as OrtValues
+  that are bound as the next step's past as they are, and reordered for beams on the device.
 """
 
 from __future__ import annotations
@@ -16,95 +17,20 @@ import functools
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import bundle
 from ._ort import ort
-from ._proto import gather_rows_model
 from .bundle import Manifest
+from .cache import DeviceCache, DeviceGather, HostCache, KVCache, PreallocatedCache
 from .errors import BundleError, ProviderError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 # TF32 would round fp32 matrix products to 10-bit mantissas; keep fp32 bundles exact on CUDA.
 CUDA_OPTIONS = {"use_tf32": "0"}
-
-
-class RowGather:
-    """Reorders the batch rows of device-resident cache tensors on their device (one small Gather graph)."""
-
-    def __init__(self, count: int, dtype: type, providers: list[Any], device: str) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
-        self.device = device
-        self.session = ort.InferenceSession(gather_rows_model(count, dtype), options, providers=providers)
-        self._inputs = [node.name for node in self.session.get_inputs()][1:]
-        self._outputs = [node.name for node in self.session.get_outputs()]
-
-    def __call__(self, tensors: list[Any], rows: np.ndarray) -> list[Any]:
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("rows", np.ascontiguousarray(rows, dtype=np.int64))
-        for name, tensor in zip(self._inputs, tensors, strict=True):
-            binding.bind_ortvalue_input(name, tensor)
-        for name in self._outputs:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        return binding.get_outputs()
-
-
-@dataclass
-class KVCache:
-    """The past key/values of every layer, [batch, n_head, length, head_dim] each: numpy arrays, or OrtValues that
-    live on the provider's device (CUDA) when the session keeps the cache there. A preallocated cache holds numpy
-    buffers [batch, n_head, capacity, head_dim] of which the first `filled` positions are written."""
-
-    keys: list[Any]
-    values: list[Any]
-    gather: RowGather | None = field(default=None, repr=False, compare=False)
-    filled: int | None = None  # preallocated: positions written so far; None: a growing cache, all positions are
-    binding: Any = field(default=None, repr=False, compare=False)  # preallocated: the buffers bound as past/present
-
-    def select(self, rows: np.ndarray) -> KVCache:
-        """A new cache of the given batch rows, in that order (each prompt's cache copied to its beams)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if self.filled is not None:
-            return KVCache(
-                [_rows_of_buffer(k, rows, self.filled) for k in self.keys],
-                [_rows_of_buffer(v, rows, self.filled) for v in self.values],
-                filled=self.filled,
-            )
-        if self.gather is None or all(isinstance(k, np.ndarray) for k in self.keys + self.values):
-            return KVCache(
-                [np.take(k, rows, axis=0) for k in self.keys], [np.take(v, rows, axis=0) for v in self.values]
-            )
-        gathered = self.gather(self.keys + self.values, rows)
-        count = len(self.keys)
-        return KVCache(gathered[:count], gathered[count:], self.gather)
-
-    def reorder(self, rows: np.ndarray) -> KVCache:
-        """The cache of rows [batch] of this same batch (beams following their parents), consuming this one: on the
-        host only the rows of beams that moved are overwritten, in place; nothing happens when no beam moved."""
-        rows = np.asarray(rows, dtype=np.int64)
-        moved = np.flatnonzero(rows != np.arange(len(rows)))
-        if not moved.size:
-            return self
-        if self.gather is not None:  # OrtValues on the device
-            return self.select(rows)
-        sources, end = rows[moved], self.filled  # a preallocated buffer: only its written positions
-        for tensor in self.keys + self.values:
-            tensor[moved, :, :end] = tensor[sources, :, :end]  # the right side is gathered first: overlaps are safe
-        return self
-
-
-def _rows_of_buffer(buffer: np.ndarray, rows: np.ndarray, filled: int) -> np.ndarray:
-    """A new buffer of the same capacity holding the given rows' first `filled` positions (the rest zero)."""
-    picked = np.zeros((len(rows), *buffer.shape[1:]), buffer.dtype)
-    picked[:, :, :filled] = buffer[rows, :, :filled]
-    return picked
 
 
 def physical_cores() -> int:
@@ -196,12 +122,16 @@ class DecoderSession:
         self.provider = "cuda" if PROVIDERS["cuda"] in self.session.get_providers() else "cpu"
         self._check_io_names()
         self.kv_dtype = np.float16 if manifest.dtype == "float16" else np.float32
-        self.device_cache = self.provider == "cuda" if device_cache is None else device_cache
+        device_cache = self.provider == "cuda" if device_cache is None else device_cache
+        self.cache_kind = "preallocated" if self.preallocated else "device" if device_cache else "host"
         self._gather = (
-            RowGather(2 * self.architecture.n_layer, self.kv_dtype, providers, self.provider)
-            if self.device_cache
+            DeviceGather(2 * self.architecture.n_layer, self.kv_dtype, providers, self.provider)
+            if self.cache_kind == "device"
             else None
         )
+        self._step = {"preallocated": self._step_in_place, "host": self._step_host, "device": self._step_device}[
+            self.cache_kind
+        ]
 
     def _create_session(self, provider: str, providers: list[Any], options: Any) -> Any:
         """The onnxruntime session; with provider 'auto', a CUDA provider that cannot run falls back to the CPU with
@@ -241,14 +171,17 @@ class DecoderSession:
         self._past_names, self._present_names = expected_inputs[4:], expected_outputs[1:]
 
     def empty_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
-        """The cache before the first step; a preallocated one holds `capacity` positions (default: the context)."""
+        """The cache before the first step, of this session's kind; a preallocated one holds `capacity` positions
+        (default: the context) and grows when a step needs more."""
         arch = self.architecture
-        if self.preallocated:
+        if self.cache_kind == "preallocated":
             shape = (batch_size, arch.n_head, capacity or arch.n_positions, arch.head_dim)
             buffers = [np.zeros(shape, self.kv_dtype) for _ in range(2 * arch.n_layer)]
-            return KVCache(buffers[0::2], buffers[1::2], filled=0)
+            return PreallocatedCache(buffers[0::2], buffers[1::2])
         empty = np.zeros((batch_size, arch.n_head, 0, arch.head_dim), self.kv_dtype)
-        return KVCache([empty] * arch.n_layer, [empty] * arch.n_layer, self._gather)
+        if self.cache_kind == "device":
+            return DeviceCache([empty] * arch.n_layer, [empty] * arch.n_layer, self._gather)
+        return HostCache([empty] * arch.n_layer, [empty] * arch.n_layer)
 
     def forward(
         self,
@@ -266,19 +199,25 @@ class DecoderSession:
             np.ascontiguousarray(position_ids, dtype=np.int64),
             np.array(logits_to_keep, dtype=np.int64),
         ]
-        if self.preallocated:
-            return self._forward_in_place(inputs, logits_to_keep, past)
-        if not self.device_cache:
-            # On CPU, run() wraps the numpy inputs and returns numpy views of onnxruntime's outputs: no copies, and
-            # fewer Python calls per step than binding 4 + 2 * n_layer inputs and outputs one by one.
-            logits, *present = self.session.run(
-                self._output_names, dict(zip(self._input_names, inputs + _interleave(past), strict=True))
-            )
-            return logits, KVCache(present[0::2], present[1::2])
+        return self._step(inputs, logits_to_keep, past)
+
+    def _step_host(
+        self, inputs: list[np.ndarray], logits_to_keep: int, past: HostCache
+    ) -> tuple[np.ndarray, HostCache]:
+        # On CPU, run() wraps the numpy inputs and returns numpy views of onnxruntime's outputs: no copies, and
+        # fewer Python calls per step than binding 4 + 2 * n_layer inputs and outputs one by one.
+        logits, *present = self.session.run(
+            self._output_names, dict(zip(self._input_names, inputs + past.tensors, strict=True))
+        )
+        return logits, HostCache(present[0::2], present[1::2])
+
+    def _step_device(
+        self, inputs: list[np.ndarray], logits_to_keep: int, past: DeviceCache
+    ) -> tuple[np.ndarray, DeviceCache]:
         binding = self.session.io_binding()
         for name, array in zip(self._input_names[:4], inputs, strict=True):
             binding.bind_cpu_input(name, array)
-        for name, tensor in zip(self._past_names, _interleave(past), strict=True):
+        for name, tensor in zip(self._past_names, past.tensors, strict=True):
             if isinstance(tensor, np.ndarray):
                 binding.bind_cpu_input(name, tensor)
             else:
@@ -288,21 +227,20 @@ class DecoderSession:
             binding.bind_output(name, self.provider)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
-        return logits.numpy(), KVCache(present[0::2], present[1::2], self._gather)
+        return logits.numpy(), DeviceCache(present[0::2], present[1::2], self._gather)
 
-    def _forward_in_place(
-        self, inputs: list[np.ndarray], logits_to_keep: int, past: KVCache
-    ) -> tuple[np.ndarray, KVCache]:
-        if past.filled is None:
+    def _step_in_place(
+        self, inputs: list[np.ndarray], logits_to_keep: int, past: PreallocatedCache
+    ) -> tuple[np.ndarray, PreallocatedCache]:
+        if not isinstance(past, PreallocatedCache):
             raise ValueError("this session keeps a preallocated cache: start from its empty_cache()")
-        total, capacity = inputs[1].shape[1], past.keys[0].shape[2]
-        if total > capacity:
-            raise ValueError(f"this step needs a preallocated cache of {total} positions, got {capacity}")
+        total = inputs[1].shape[1]
+        past.ensure_capacity(total, self.architecture.n_positions)
         binding = past.binding
         if binding is None:  # first step: bind every buffer as its layer's past and present, once for all steps
             binding = past.binding = self.session.io_binding()
             for past_name, present_name, buffer in zip(
-                self._past_names, self._present_names, _interleave(past), strict=True
+                self._past_names, self._present_names, past.tensors, strict=True
             ):
                 value = ort.OrtValue.ortvalue_from_numpy(buffer)
                 binding.bind_ortvalue_input(past_name, value)
@@ -316,10 +254,5 @@ class DecoderSession:
         logits = np.empty(shape, np.float32)
         binding.bind_output(bundle.LOGITS, "cpu", 0, np.float32, shape, logits.__array_interface__["data"][0])
         self.session.run_with_iobinding(binding)
-        past.filled = total
+        past.length = total
         return logits, past
-
-
-def _interleave(cache: KVCache) -> list[Any]:
-    """key 0, value 0, key 1, value 1, ...: the order of the graph's past inputs."""
-    return [tensor for pair in zip(cache.keys, cache.values, strict=True) for tensor in pair]

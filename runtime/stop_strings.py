@@ -28,7 +28,7 @@ class StopStringCriterion:
         self.prompt_length = prompt_length
         self.window = max(len(stop.encode("utf-8")) for stop in self.stops)
 
-    def __call__(self, sequences: np.ndarray, length: int, rows: np.ndarray) -> np.ndarray:
+    def __call__(self, sequences: np.ndarray, length: int, rows: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
         """Whether each of `rows` of sequences [all rows, capacity] (prompt included), whose first `length` columns
         are written, now ends in a stop string -> bool [len(rows)]. Only the window's columns are read."""
         start = max(self.prompt_length, length - self.window)

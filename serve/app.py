@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -20,7 +21,6 @@ from starlette.routing import Route
 
 from gpt2onnx.runtime.errors import InvalidInputError
 from gpt2onnx.runtime.model import GPT2Model
-from gpt2onnx.runtime.streaming import TextStream
 
 from .engine import Engine, Overloaded, Relay
 from .protocol import (
@@ -29,13 +29,13 @@ from .protocol import (
     CompletionRequest,
     RequestError,
     choice_body,
-    choices_of,
     completion_body,
     logprobs_body,
     option_error,
     parse_completion_request,
     usage_body,
 )
+from .stepping import ChoiceUpdate, choice_steps, collect_choices
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
@@ -80,13 +80,12 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id
         rows = await run_in_threadpool(prepare, model, parsed)
         prompt_tokens = sum(map(len, rows))
         answer = partial(completion_body, f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_id)
-        if parsed.token_by_token:
-            stream = model.stream(input_ids=rows[0], **parsed.options)  # generates nothing until iterated
-            return event_stream(text_events(stream, Relay(engine, stream), answer))
-        job = engine.submit(partial(generate_choices, model, rows, parsed))
+        steps = request_steps(model, rows, parsed)  # generates nothing until iterated, on a worker
         if parsed.stream:
-            return event_stream(choice_events(parsed, job, answer, prompt_tokens))
-        choices = await unless_disconnected(request, job)
+            return event_stream(step_events(parsed, Relay(engine, steps), answer, prompt_tokens))
+        cancelled = threading.Event()
+        job = engine.submit(partial(collect_choices, steps, len(rows) * parsed.n, cancelled))
+        choices = await unless_disconnected(request, job, cancelled)
         if choices is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         with_logprobs = parsed.logprobs is not None
@@ -139,10 +138,11 @@ def prepare(model: GPT2Model, parsed: CompletionRequest) -> list[list[int]]:
     return rows
 
 
-def generate_choices(model: GPT2Model, rows: list[list[int]], parsed: CompletionRequest) -> list[Choice]:
-    """Run generate() (on a worker thread) and cut its sequences into choices; per-token pieces to stream or score."""
-    output = model.generate(input_ids=rows, **parsed.options)
-    return choices_of(output, model.tokenizer, with_pieces=parsed.stream or parsed.logprobs is not None)
+def request_steps(model: GPT2Model, rows: list[list[int]], parsed: CompletionRequest) -> Iterator[list[ChoiceUpdate]]:
+    """The request's choices step by step, from one Generator over all its rows (prompts x n)."""
+    generator = model.generator(**parsed.options)
+    generator.append_tokens(rows)
+    return choice_steps(generator, model.tokenizer, generator.options.stop)
 
 
 async def read_json(request: Request) -> Any:
@@ -164,8 +164,11 @@ async def read_json(request: Request) -> Any:
         raise RequestError("the request body is not valid JSON") from None
 
 
-async def unless_disconnected(request: Request, job: asyncio.Future[list[Choice]]) -> list[Choice] | None:
-    """The job's result; None if the client went away first (then the job is dropped if it has not started)."""
+async def unless_disconnected(
+    request: Request, job: asyncio.Future[list[Choice]], cancelled: threading.Event
+) -> list[Choice] | None:
+    """The job's result; None if the client went away first (then the job is dropped if it has not started, and
+    stops at its next step if it has)."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -177,48 +180,40 @@ async def unless_disconnected(request: Request, job: asyncio.Future[list[Choice]
     finally:
         watcher.cancel()
     if not job.done():
+        cancelled.set()
         job.cancel()
         return None
     return job.result()
 
 
-async def text_events(
-    stream: TextStream, pieces: Relay[str], answer: partial[dict[str, Any]]
+async def step_events(
+    parsed: CompletionRequest,
+    steps: Relay[list[ChoiceUpdate]],
+    answer: partial[dict[str, Any]],
+    prompt_tokens: int,
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """Chunks of one choice as the stream yields its text on a worker; stops the generation if the client leaves."""
-    try:
-        async for piece in pieces:
-            yield answer([choice_body(0, piece, None, None)], None)
-        if pieces.job.cancelled() or pieces.job.exception() is not None:
-            yield failure(pieces.job)
-        else:
-            yield answer([choice_body(0, "", stream.finish_reason, None)], None)
-    finally:
-        pieces.close()
-
-
-async def choice_events(
-    parsed: CompletionRequest, job: asyncio.Future[list[Choice]], answer: partial[dict[str, Any]], prompt_tokens: int
-) -> AsyncGenerator[dict[str, Any], None]:
-    """Chunks of a finished generation: one per token (with its logprobs when asked), then each choice's end."""
-    try:
-        await asyncio.wait({job})
-    finally:
-        job.cancel()
-    if job.cancelled() or job.exception() is not None:
-        yield failure(job)
-        return
-    choices = job.result()
+    """Chunks as the generation runs on a worker: each choice's new text (with its logprobs when asked) and its end;
+    then the usage when asked. The generation stops if the client leaves."""
     usage = {"usage": None} if parsed.include_usage else {}
     with_logprobs = parsed.logprobs is not None
-    for choice in choices:
-        for piece in choice.pieces:
-            if piece.text or with_logprobs:
-                logprobs = logprobs_body([piece]) if with_logprobs else None
-                yield {**answer([choice_body(choice.index, piece.text, None, logprobs)], None), **usage}
-        yield {**answer([choice_body(choice.index, "", choice.finish_reason, None)], None), **usage}
-    if parsed.include_usage:
-        yield answer([], usage_body(prompt_tokens, choices))
+    completion_tokens = 0
+    try:
+        async for updates in steps:
+            for update in updates:
+                completion_tokens += 1
+                if update.piece.text or with_logprobs:
+                    logprobs = logprobs_body([update.piece]) if with_logprobs else None
+                    yield {**answer([choice_body(update.index, update.piece.text, None, logprobs)], None), **usage}
+                if update.finish_reason is not None:
+                    yield {**answer([choice_body(update.index, "", update.finish_reason, None)], None), **usage}
+        if steps.job.cancelled() or steps.job.exception() is not None:
+            yield failure(steps.job)
+            return
+        if parsed.include_usage:
+            total = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+            yield answer([], {**total, "total_tokens": prompt_tokens + completion_tokens})
+    finally:
+        steps.close()
 
 
 def failure(job: asyncio.Future[Any]) -> dict[str, Any]:

@@ -5,14 +5,11 @@ No web framework here: plain data in, plain data out, so the mapping can be read
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpt2onnx.runtime.errors import InvalidInputError
-from gpt2onnx.runtime.outputs import GeneratedSequence, GenerationOutput, TokenLogprob
-from gpt2onnx.runtime.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_LOGPROBS = 20
@@ -88,19 +85,10 @@ class CompletionRequest:
     prompts: list[str] | None  # text prompts, or None when the prompt came as token ids
     input_ids: list[list[int]] | None
     n: int
-    options: dict[str, Any]  # keyword arguments of GPT2Model.generate / stream
+    options: dict[str, Any]  # keyword arguments of GPT2Model.generator (generate()'s options)
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None
-
-    @property
-    def token_by_token(self) -> bool:
-        """Whether this stream can be sent as tokens arrive: model.stream() gives text for one sequence only."""
-        return self.stream and self.n == 1 and self.logprobs is None and not self.include_usage and self.batch == 1
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts if self.prompts is not None else self.input_ids or [])
 
 
 def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
@@ -239,53 +227,6 @@ class Choice:
     finish_reason: str | None
     completion_tokens: int
     pieces: list[TokenPiece] = field(default_factory=list)
-
-
-def choices_of(output: GenerationOutput, tokenizer: Tokenizer, with_pieces: bool) -> list[Choice]:
-    """The choices of a generate() result, in OpenAI's order (prompt by prompt, n choices each)."""
-    return [
-        Choice(
-            index,
-            sequence.generated_text,
-            sequence.finish_reason,
-            len(sequence.generated_token_ids),
-            token_pieces(tokenizer, sequence) if with_pieces else [],
-        )
-        for index, sequence in enumerate(output.sequences)
-    ]
-
-
-def token_pieces(tokenizer: Tokenizer, sequence: GeneratedSequence) -> list[TokenPiece]:
-    """Split a sequence's generated text over its tokens (a multi-byte character goes to the token completing it).
-
-    Tokens past a stop string get empty text: the text was cut there.
-    """
-    ids = sequence.generated_token_ids
-    decoder = tokenizer.stream_decoder()
-    parts = [decoder.push(token) for token in ids]
-    if parts:
-        parts[-1] += decoder.flush()
-    text, offset = sequence.generated_text, 0
-    pieces = []
-    for part, token in zip(parts, tokenizer.token_strings(ids), strict=True):
-        share = text[offset : offset + len(part)]
-        pieces.append(TokenPiece(share, offset, token))
-        offset += len(share)
-    if pieces and offset < len(text):
-        pieces[-1].text += text[offset:]
-    if sequence.logprobs is not None:
-        for piece, entry in zip(pieces, sequence.logprobs, strict=True):
-            piece.logprob = entry.logprob
-            piece.top = _top_logprobs(tokenizer, entry, piece.token)
-    return pieces
-
-
-def _top_logprobs(tokenizer: Tokenizer, entry: TokenLogprob, token: str) -> dict[str, float]:
-    """OpenAI's top_logprobs entry: the best alternatives and always the chosen token; filtered-out ones dropped."""
-    strings = tokenizer.token_strings([token_id for token_id, _ in entry.top])
-    top = {text: value for text, (_, value) in zip(strings, entry.top, strict=True) if math.isfinite(value)}
-    top.setdefault(token, entry.logprob)
-    return top
 
 
 def logprobs_body(pieces: Sequence[TokenPiece]) -> dict[str, Any]:

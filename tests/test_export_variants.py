@@ -17,9 +17,10 @@ from gpt2onnx.cli.export_command import main as export_main
 from gpt2onnx.export.checkpoint import random_checkpoint
 from gpt2onnx.export.exporter import export_bundle
 from gpt2onnx.runtime.bundle import read_manifest
+from gpt2onnx.runtime.cache import HostCache, PreallocatedCache
 from gpt2onnx.runtime.errors import InvalidInputError, ProviderError
-from gpt2onnx.runtime.generation import PaddedBatch, position_ids_from_mask
-from gpt2onnx.runtime.session import DecoderSession, KVCache
+from gpt2onnx.runtime.padding import PaddedBatch, position_ids_from_mask
+from gpt2onnx.runtime.session import DecoderSession
 from reference import reference_generate, reference_padded_logits
 
 SEED = 0
@@ -196,7 +197,7 @@ def test_fast_prefill_decodes_exactly_as_the_int8_graph(bundles: dict[str, Path]
     assert not np.array_equal(prompt_fast[real], prompt_plain[real]), "the prompt ran the DynamicQuantizeMatMul blocks"
     np.testing.assert_allclose(prompt_fast[real], prompt_plain[real], atol=0.15 * np.abs(prompt_plain).max())
     step = (np.array([[5], [7]]), np.concatenate([batch.attention_mask, np.ones((2, 1), np.int64)], axis=1))
-    same_past = KVCache([k.copy() for k in past.keys], [v.copy() for v in past.values], filled=past.filled)
+    same_past = PreallocatedCache([k.copy() for k in past.keys], [v.copy() for v in past.values], past.length)
     step_plain, after_plain = plain.forward(*step, positions[:, -1:] + 1, past)
     step_fast, after_fast = fast.forward(*step, positions[:, -1:] + 1, same_past)
     np.testing.assert_array_equal(step_fast, step_plain)
@@ -246,7 +247,7 @@ def test_select_copies_rows_and_reorder_keeps_an_unmoved_cache(bundles: dict[str
     assert past.reorder(np.arange(2)) is past
     np.testing.assert_array_equal(past.keys[0], before)
     picked = past.select(np.array([1, 1, 0]))
-    assert isinstance(picked, KVCache) and picked.keys[0].shape[0] == 3
+    assert isinstance(picked, PreallocatedCache) and picked.keys[0].shape[0] == 3
     np.testing.assert_array_equal(picked.keys[0][2], past.keys[0][0])
 
 
@@ -256,21 +257,23 @@ def test_reorder_in_place_equals_select(rows: list[int]) -> None:
     rng = np.random.default_rng(0)
     keys = [rng.random((4, 2, 3, 5), dtype=np.float32) for _ in range(2)]
     values = [rng.random((4, 2, 3, 5), dtype=np.float32) for _ in range(2)]
-    expected = KVCache([k.copy() for k in keys], [v.copy() for v in values]).select(np.array(rows))
-    reordered = KVCache(keys, values).reorder(np.array(rows))
+    expected = HostCache([k.copy() for k in keys], [v.copy() for v in values]).select(np.array(rows))
+    reordered = HostCache(keys, values).reorder(np.array(rows))
     assert reordered.keys[0] is keys[0]  # overwritten in place, not copied
     for got, want in zip(reordered.keys + reordered.values, expected.keys + expected.values, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
-def test_gather_rows_model_is_valid_onnx() -> None:
+@pytest.mark.parametrize("axis", [0, 2])
+def test_gather_model_is_valid_onnx(axis: int) -> None:
     import onnx
 
-    from gpt2onnx.runtime._proto import gather_rows_model
+    from gpt2onnx.runtime._proto import gather_model
 
-    model = onnx.load_from_string(gather_rows_model(3, np.float16))
+    model = onnx.load_from_string(gather_model(3, np.float16, axis))
     onnx.checker.check_model(model, full_check=True)
     assert [node.op_type for node in model.graph.node] == ["Gather"] * 3
+    assert {attribute.i for node in model.graph.node for attribute in node.attribute} == {axis}
 
 
 @pytest.mark.parametrize(
@@ -333,7 +336,8 @@ def test_preallocated_cache_runs_on_cpu_only(bundles: dict[str, Path]) -> None:
 
 def test_preallocated_cache_is_written_in_place_up_to_its_fill(bundles: dict[str, Path]) -> None:
     """The graph writes each step's keys into the buffer it was given (no copy), and nothing past the filled length;
-    select() copies the filled positions into fresh buffers of the same capacity."""
+    select() copies the filled positions into fresh buffers of the same capacity; a step past the capacity grows
+    the buffers (the past copied in)."""
     session = DecoderSession(read_manifest(bundles["fused"]), provider="cpu")
     batch = PaddedBatch.from_rows(ROWS, pad_token_id=0)
     cache = session.empty_cache(2, capacity=16)
@@ -342,13 +346,19 @@ def test_preallocated_cache_is_written_in_place_up_to_its_fill(bundles: dict[str
     _, past = session.forward(batch.input_ids, batch.attention_mask, positions, cache)
     mask = np.concatenate([batch.attention_mask, np.ones((2, 1), np.int64)], axis=1)
     _, past = session.forward(np.array([[5], [7]]), mask, positions[:, -1:] + 1, past)
-    assert past is cache and past.keys[0] is buffer and past.filled == 10
+    assert past is cache and past.keys[0] is buffer and past.length == 10
     assert np.abs(buffer[:, :, :10]).max() > 0 and not buffer[:, :, 10:].any()
     picked = past.select(np.array([1, 1, 0]))
-    assert picked.keys[0].shape == (3, *buffer.shape[1:]) and picked.filled == 10
+    assert picked.keys[0].shape == (3, *buffer.shape[1:]) and picked.length == 10
     np.testing.assert_array_equal(picked.keys[0][2], buffer[0])
-    with pytest.raises(ValueError, match="needs a preallocated cache of 11 positions, got 10"):
-        session.forward(np.array([[5]]), np.ones((1, 11), np.int64), np.array([[10]]), session.empty_cache(1, 10))
-    growing = KVCache(list(picked.keys), list(picked.values))
+    small = session.empty_cache(2, capacity=10)
+    _, small = session.forward(batch.input_ids, batch.attention_mask, positions, small)
+    mask11 = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    _, grown = session.forward(np.array([[5], [7]]), mask, positions[:, -1:] + 1, small)
+    assert grown.capacity == 10 and grown.length == 10
+    _, grown = session.forward(np.array([[1], [2]]), mask11, positions[:, -1:] + 2, grown)
+    assert grown.capacity == 20 and grown.length == 11, "the buffers doubled, keeping the past"
+    np.testing.assert_array_equal(grown.keys[0][:, :, :10], past.keys[0][:, :, :10])
+    growing = HostCache(list(picked.keys), list(picked.values))
     with pytest.raises(ValueError, match=re.escape("keeps a preallocated cache: start from its empty_cache()")):
         session.forward(np.array([[5], [7], [9]]), np.ones((3, 11), np.int64), np.full((3, 1), 10), growing)

@@ -70,8 +70,11 @@ def test_stream_with_sampling_and_a_stop_string(tiny_gpt2: RandomGPT2) -> None:
 @pytest.mark.parametrize(
     ("arguments", "fragment"),
     [
-        (["x", "--stream", "--num-beams", "2"], "--stream works with greedy search and sampling"),
-        (["x", "--stream", "--do-sample", "--num-return-sequences", "2"], "--stream prints one sequence"),
+        (["x", "--stream", "--num-beams", "2"], "--stream works with greedy search and sampling, not beam search"),
+        (
+            ["x", "--stream", "--do-sample", "--num-return-sequences", "2"],
+            "--stream yields one sequence: --num-return-sequences must be 1",
+        ),
         (["x", "y", "--stream"], "--stream takes one prompt"),
         (["x", "--stream", "--json"], "cannot be combined"),
         (

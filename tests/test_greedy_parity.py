@@ -7,7 +7,7 @@ import pytest
 
 import gpt2onnx
 from conftest import RandomGPT2, build_random_gpt2
-from gpt2onnx.runtime.generation import PaddedBatch, position_ids_from_mask
+from gpt2onnx.runtime.padding import PaddedBatch, position_ids_from_mask
 from reference import reference_generate, reference_logits
 
 PROMPTS = ["Artificial intelligence", "The quick brown fox jumps over the lazy dog, and then", "Hello"]

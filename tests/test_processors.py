@@ -137,7 +137,8 @@ def test_repetition_penalty_skips_left_padding(seed: int) -> None:
     input_ids[1, :3] = input_ids[2, :5] = EOS  # the pad id, which must not count as a repeated token
     pad_lengths = np.array([0, 3, 5])
     theirs = RepetitionPenaltyLogitsProcessor(1.4, prompt_ignore_length=torch.from_numpy(pad_lengths))
-    result = check(RepetitionPenalty(1.4, pad_lengths), theirs, input_ids, scores)
+    padding = np.arange(input_ids.shape[1]) < pad_lengths[:, None]
+    result = check(RepetitionPenalty(1.4, padding), theirs, input_ids, scores)
     np.testing.assert_array_equal(result[1:, EOS], scores[1:, EOS])
 
 
@@ -409,8 +410,8 @@ def test_chain_equals_transformers_generate(
     eos = kwargs["eos_token_id"] if isinstance(kwargs["eos_token_id"], list) else [kwargs["eos_token_id"]]
     options = GenerationOptions.create(**{**kwargs, "eos_token_id": tuple(eos)})
     expand = max(options.num_beams, options.num_return_sequences)
-    pad_lengths = np.repeat((attention_mask != 0).argmax(axis=1), expand)
-    ours = build_logits_processors(options, prompt.shape[1], eos, pad_lengths)
+    padding = np.repeat(attention_mask == 0, expand, axis=0)
+    ours = build_logits_processors(options, prompt.shape[1], eos, padding)
 
     # same processors, same order, same parameters (MinLength duplicates MinNewTokens: prompt + min_new_tokens)
     kept = [p for p in theirs if not isinstance(p, MinLengthLogitsProcessor)]

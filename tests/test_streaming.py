@@ -99,8 +99,12 @@ def test_stop_string_filter_emits_exactly_the_text_before_the_first_stop(text: s
     held = StopStringFilter(stops)
     emitted = "".join(held.push(text[start:end]) for start, end in itertools.pairwise(bounds))
     emitted += held.flush()
-    first = min((text.find(stop) for stop in stops if stop in text), default=len(text))
-    assert emitted == text[:first]
+    # Generation ends with the piece that completes a stop string; its text is cut at the first stop in it (a stop
+    # that would complete later, even if it starts earlier, was never generated).
+    ends = [end for end in bounds[1:] if any(stop in text[:end] for stop in stops)]
+    generated = text[: ends[0]] if ends else text
+    first = min((generated.find(stop) for stop in stops if stop in generated), default=len(generated))
+    assert emitted == generated[:first]
 
 
 def test_cut_at_stop_cuts_at_the_earliest_stop_whatever_its_place_in_the_list() -> None:
@@ -127,7 +131,7 @@ def test_stop_criterion_fires_at_the_token_that_completes_the_stop_string(tokeni
     tokens = [17, *tokenizer.encode(text)]  # a one-token prompt, left out of the search
     criterion = StopStringCriterion(tokenizer, [stop], prompt_length=1)
     row = np.array([tokens + tokenizer.encode(stop)])  # columns past `end` (here: the stop itself) are not read
-    fired = [bool(criterion(row, end, np.array([0]))[0]) for end in range(2, len(tokens) + 1)]
+    fired = [bool(criterion(row, end, np.array([0]), None)[0]) for end in range(2, len(tokens) + 1)]
     expected = [stop in tokenizer.decode(tokens[1:end]) for end in range(2, len(tokens) + 1)]
     assert fired.index(True) == expected.index(True)
 
