@@ -81,7 +81,7 @@ def check(dtype: str, shape: str, root: Path, new_tokens: int, runs: int, provid
     model = gpt2onnx.load(folder, provider=provider)
     load_s = time.perf_counter() - start
     _, past = model.session.forward([[1, 2]], [[1, 1]], [[0, 1]], model.session.empty_cache(1))
-    where = past.keys[0].device_name() if model.session.device_cache else "host (numpy)"
+    where = past.keys[0].device_name() if model.session.cache_kind == "device" else "host (numpy)"
     print(f"[{dtype}] loaded in {load_s:.2f} s; providers {model.session.session.get_providers()}; KV cache on {where}")
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     reference = random_checkpoint(shape, 0).model.to("cuda" if provider == "cuda" else "cpu", dtype=torch_dtype)
@@ -108,7 +108,7 @@ def check(dtype: str, shape: str, root: Path, new_tokens: int, runs: int, provid
 
     device_session = (
         model.session
-        if model.session.device_cache
+        if model.session.cache_kind == "device"
         else DecoderSession(model.manifest, provider=provider, device_cache=True)
     )
     host_session = DecoderSession(model.manifest, provider=provider, device_cache=False)

@@ -1,12 +1,14 @@
 """Step 3 of the course notebook: generate one token at a time by hand, always taking the most likely one.
 
-Each step runs the whole text through the model again (simple, not fast: generate() keeps a cache instead),
-and the result is the same as greedy generate().
+A Generator keeps the model's key/value cache between steps, so each step runs only the new token through the
+model; the loop is yours: look at the logits, pick, go on, go back (rewind_to). The result is greedy generate()'s.
 
     python examples/one_token_steps.py models/gpt2 ["a prompt"] [--steps 10]
 """
 
 import argparse
+
+import numpy as np
 
 import gpt2onnx
 
@@ -17,11 +19,24 @@ parser.add_argument("--steps", type=int, default=10)
 args = parser.parse_args()
 
 model = gpt2onnx.load(args.bundle)
-ids = model.tokenizer.encode(args.prompt)
-for step in range(1, args.steps + 1):
-    [best] = model.next_token_probs(input_ids=ids, top=1)
-    ids.append(best.token_id)
-    print(f"step {step:>2}: +|{best.token}| ({best.probability:.2%})  {model.tokenizer.decode(ids)!r}")
+generator = model.generator(max_new_tokens=args.steps)
+generator.append_tokens(args.prompt)
+step = 0
+while not generator.is_done():
+    logits = generator.get_logits()[0]  # the raw logits at the last position
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    generator.generate_next_token()  # greedy: the most likely token
+    token = int(generator.get_next_tokens()[0])
+    step += 1
+    text = model.tokenizer.decode(generator.get_sequence(0).tolist())
+    print(f"step {step:>2}: +|{model.tokenizer.token_strings([token])[0]}| ({probabilities[token]:.2%})  {text!r}")
 
+ids = generator.get_sequence(0).tolist()
 greedy = model.generate(args.prompt, max_new_tokens=args.steps).sequences[0]
-print("same as generate():", greedy.token_ids == ids[: len(greedy.token_ids)])
+print("same as generate():", greedy.token_ids == ids)
+
+generator.rewind_to(len(ids) - 3)  # take back the last three tokens, and let the model choose them again
+while not generator.is_done():
+    generator.generate_next_token()
+print("after rewind_to, the same again:", generator.get_sequence(0).tolist() == ids)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -10,7 +9,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -199,14 +197,6 @@ def _contrib_ops(model_proto: Any) -> list[str]:
     return sorted({node.op_type for node in _nodes(model_proto.graph) if node.domain == CONTRIB})
 
 
-def _describe_files(folder: Path) -> dict[str, Any]:
-    return {name: bundle.describe_file(folder / name) for name in sorted(os.listdir(folder))}
-
-
-def _write_manifest(folder: Path, data: dict[str, Any]) -> None:
-    (folder / bundle.MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
 def _remove_stale_staging(output: Path) -> None:
     """Delete staging folders that killed exports (kill -9, power loss) left beside output."""
     for folder in output.parent.glob(f".{output.name}.partial-*"):
@@ -368,44 +358,35 @@ def export_bundle(
             quantization = _quantization_record(model_proto, block_size) if quantize else None
             external = _save_graph(model_proto, staging)
             del weights, model_proto
-        inputs, outputs = bundle.io_names(spec.n_layer)
-        data: dict[str, Any] = {
-            "format": bundle.FORMAT_NAME,
-            "schema_version": bundle.SCHEMA_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": checkpoint.source,
-            "architecture": {
-                "n_layer": spec.n_layer,
-                "n_head": spec.n_head,
-                "head_dim": spec.head_dim,
-                "n_embd": spec.n_embd,
-                "n_inner": spec.n_inner,
-                "vocab_size": spec.vocab_size,
-                "n_positions": spec.n_positions,
-                "activation": spec.activation,
-                "layer_norm_epsilon": spec.layer_norm_epsilon,
-            },
-            "special_tokens": checkpoint.special_tokens,
-            "generation_defaults": checkpoint.generation_defaults,
-            "graph": {
-                "file": bundle.MODEL_FILE,
-                "external_data": external,
-                "dtype": graph_dtype,
-                "opset": OPSET,
-                "inputs": inputs,
-                "outputs": outputs,
-                "kv_cache": kv_cache,
-                "logits": "last `logits_to_keep` positions (0 = all), float32",
-                "tied_embeddings": spec.tied_embeddings,
-                "optimizations": optimizations,
-                "quantization": quantization,
-            },
-            "tokenizer": tokenizer_name,
-            "tools": _tool_versions(),
+        architecture = {
+            "n_layer": spec.n_layer,
+            "n_head": spec.n_head,
+            "head_dim": spec.head_dim,
+            "n_embd": spec.n_embd,
+            "n_inner": spec.n_inner,
+            "vocab_size": spec.vocab_size,
+            "n_positions": spec.n_positions,
+            "activation": spec.activation,
+            "layer_norm_epsilon": spec.layer_norm_epsilon,
         }
+        data = bundle.new_manifest(
+            source=checkpoint.source,
+            architecture=architecture,
+            special_tokens=checkpoint.special_tokens,
+            generation_defaults=checkpoint.generation_defaults,
+            external_data=external,
+            dtype=graph_dtype,
+            opset=OPSET,
+            kv_cache=kv_cache,
+            tied_embeddings=spec.tied_embeddings,
+            optimizations=optimizations,
+            quantization=quantization,
+            tokenizer=tokenizer_name,
+            tools=_tool_versions(),
+        )
         with progress.step("hashing files"):
-            data["files"] = _describe_files(staging)
-        _write_manifest(staging, data)
+            data["files"] = bundle.describe_files(staging)
+        bundle.write_manifest(staging, data)
         with progress.step("validating against PyTorch"):
             manifest = bundle.read_manifest(staging, verify_hashes=False)
             report = validate_bundle(checkpoint.model, manifest, quantize or graph_dtype, seed=seed)
@@ -415,7 +396,7 @@ def export_bundle(
                 f"(relative {report.relative_diff:.3g}) is over the tolerance {report.tolerance:g}"
             )
         data["validation"] = report.to_dict()
-        _write_manifest(staging, data)
+        bundle.write_manifest(staging, data)
         _place(staging, output, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,10 +1,14 @@
-"""The bundle format: the manifest (bundle.json) that export writes and the runtime verifies on load."""
+"""The bundle format, in one place for both sides: the manifest (bundle.json) that export writes (new_manifest,
+describe_files, write_manifest) and the runtime reads and verifies on load (read_manifest). Every field is
+described in docs/BUNDLE.md."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,59 @@ def io_names(n_layer: int) -> tuple[list[str], list[str]]:
         inputs += [past_key_name(layer), past_value_name(layer)]
         outputs += [present_key_name(layer), present_value_name(layer)]
     return inputs, outputs
+
+
+def new_manifest(
+    *,
+    source: dict[str, Any],
+    architecture: dict[str, Any],
+    special_tokens: dict[str, int | None],
+    generation_defaults: dict[str, Any],
+    external_data: str | None,
+    dtype: str,
+    opset: int,
+    kv_cache: str,
+    tied_embeddings: bool,
+    optimizations: list[str],
+    quantization: dict[str, Any] | None,
+    tokenizer: str | None,
+    tools: dict[str, str],
+) -> dict[str, Any]:
+    """bundle.json's content before its files are hashed (describe_files) and the export's validation is added."""
+    inputs, outputs = io_names(architecture["n_layer"])
+    return {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "architecture": architecture,
+        "special_tokens": special_tokens,
+        "generation_defaults": generation_defaults,
+        "graph": {
+            "file": MODEL_FILE,
+            "external_data": external_data,
+            "dtype": dtype,
+            "opset": opset,
+            "inputs": inputs,
+            "outputs": outputs,
+            "kv_cache": kv_cache,
+            "logits": "last `logits_to_keep` positions (0 = all), float32",
+            "tied_embeddings": tied_embeddings,
+            "optimizations": optimizations,
+            "quantization": quantization,
+        },
+        "tokenizer": tokenizer,
+        "tools": tools,
+    }
+
+
+def describe_files(folder: Path) -> dict[str, Any]:
+    """The manifest's `files`: every file of the folder with its size and sha256."""
+    return {name: describe_file(folder / name) for name in sorted(os.listdir(folder))}
+
+
+def write_manifest(folder: Path, data: dict[str, Any]) -> None:
+    (folder / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def sha256_of(path: Path, chunk_size: int = 1 << 22) -> str:

@@ -17,7 +17,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXPECTED = {
     "tokens.py": ("  |Art| -> 8001", "  |ence| -> 594", "decoded back: 'ArtificCial intElliGence'"),
     "next_tokens.py": ("after 'Artificial intelligence' the model expects:", " 10  "),
-    "one_token_steps.py": ("same as generate(): True",),
+    "one_token_steps.py": ("same as generate(): True", "after rewind_to, the same again: True"),
+    "custom_processor.py": ("greedy:", "with the rules:", "tokens repeated at once: 0"),
     "greedy.py": ("(50 tokens",),
     "sampling.py": ("--- sample 3 ---", "same seed, same samples: True"),
     "beam_sampling.py": ("beam search, the 3 best of 5 beams:", "beam sampling (num_beams=5, do_sample=True):"),

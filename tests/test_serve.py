@@ -378,6 +378,15 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(server: Server) -> N
     assert (after["running"], after["completed"], after["failed"]) == (0, before["completed"], before["failed"])
 
 
+def test_a_client_that_leaves_a_whole_answer_stops_its_generation(server: Server) -> None:
+    """A non-streamed request is stepped too: the worker stops at its next step, long before the answer is done."""
+    before = server.wait_until(lambda metrics: metrics["running"] == 0 and metrics["queued"] == 0)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while its request is generating
+        httpx.post(f"{server.url}/v1/completions", json={"model": server.model_id, **HEAVY}, timeout=0.3)
+    after = server.wait_until(lambda metrics: metrics["cancelled"] == before["cancelled"] + 1)
+    assert (after["running"], after["completed"]) == (0, before["completed"]), "stopped, not run to the end"
+
+
 def test_a_queued_request_whose_client_left_never_runs(server: Server) -> None:
     before = server.wait_until(lambda metrics: metrics["running"] == 0 and metrics["queued"] == 0)
     with ThreadPoolExecutor(max_workers=1) as pool:
