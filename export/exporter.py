@@ -378,6 +378,7 @@ def export_bundle(
             dtype=graph_dtype,
             opset=OPSET,
             kv_cache=kv_cache,
+            ragged_rows=kv_cache == "preallocated",  # GroupQueryAttention's seqlens_k per row (export/graph.py)
             tied_embeddings=spec.tied_embeddings,
             optimizations=optimizations,
             quantization=quantization,

@@ -294,16 +294,19 @@ def _growing_attention(b: _Builder, spec: GPT2Spec) -> Attend:
 
 def _preallocated_attention(b: _Builder, spec: GPT2Spec) -> Attend:
     """GroupQueryAttention over the packed QKV (GPT-2's [q | k | v] layout is the op's), writing the new key/values
-    into the past buffer in place. Every row holds T = attention_mask's width positions (left padding included), so
-    seqlens_k is T - 1 for all rows; padding keys get the dtype's lowest value as an additive bias (finite, so that a
-    padding query, which sees only padding, averages them instead of producing NaN)."""
+    into the past buffer in place. A row holds its keys up to its attention mask's last 1 (seqlens_k, per row): T - 1
+    for left-padded rows, fewer for a row whose mask ends in zeros (rows of different lengths in one decode batch,
+    each written at its own next position, as if alone). Padding keys get the dtype's lowest value as an additive
+    bias (finite, so that a padding query, which sees only padding, averages them instead of producing NaN)."""
     from onnx import TensorProto
 
     int64 = np.int64
     total = b.op("Shape", bundle.ATTENTION_MASK, start=1, end=2)
     total_length = b.op("Cast", b.op("Squeeze", total, b.const([0], int64)), to=TensorProto.INT32)
     batch = b.op("Shape", bundle.ATTENTION_MASK, start=0, end=1)
-    seqlens_k = b.op("Cast", b.op("Expand", b.op("Sub", total, b.const([1], int64)), batch), to=TensorProto.INT32)
+    columns = b.op("Range", b.const(0, int64), b.op("Squeeze", total, b.const([0], int64)), b.const(1, int64))
+    last_one = b.op("ReduceMax", b.op("Mul", bundle.ATTENTION_MASK, columns), axes=[1], keepdims=0)
+    seqlens_k = b.op("Cast", last_one, to=TensorProto.INT32)
     padding = b.op("Sub", b.const(1.0), b.op("Cast", bundle.ATTENTION_MASK, to=b.onnx_dtype))
     key_bias = b.op("Mul", padding, b.const(np.finfo(b.np_dtype).min))
     queries = b.op("Shape", bundle.INPUT_IDS, start=1, end=2)

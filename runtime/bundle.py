@@ -65,6 +65,7 @@ def new_manifest(
     dtype: str,
     opset: int,
     kv_cache: str,
+    ragged_rows: bool,
     tied_embeddings: bool,
     optimizations: list[str],
     quantization: dict[str, Any] | None,
@@ -89,6 +90,7 @@ def new_manifest(
             "inputs": inputs,
             "outputs": outputs,
             "kv_cache": kv_cache,
+            "ragged_rows": ragged_rows,
             "logits": "last `logits_to_keep` positions (0 = all), float32",
             "tied_embeddings": tied_embeddings,
             "optimizations": optimizations,
@@ -147,6 +149,7 @@ class Manifest:
     pad_token_id: int | None
     dtype: str
     kv_cache: str = "growing"  # or "preallocated": see runtime/session.py
+    ragged_rows: bool = False  # rows of one step may hold different numbers of positions (docs/BUNDLE.md)
 
     @property
     def model_path(self) -> Path:
@@ -258,6 +261,7 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
         pad_token_id=token("pad_token_id"),
         dtype=dtype,
         kv_cache=kv_cache,
+        ragged_rows=graph.get("ragged_rows") is True,
     )
     if verify_hashes:
         check_hashes(manifest)

@@ -78,9 +78,11 @@ class Generator:
         self._last: np.ndarray | None = None
         self._records: list[StepLogprobs] = []
         self._finished = self._stopped = np.zeros(0, dtype=bool)
+        self._ended_at = np.zeros(0, dtype=np.int64)  # per row: the width when it ended, -1 while it runs
         self._any_finished = False
         self._done = False
         self._records_logprobs = False
+        self._in_batch = False  # a DecodeBatch holds this generator's cache and runs its model steps
         self.prefill_seconds = 0.0  # the first run of the model (the prompt), for generate()'s timing
         self.steps = 0  # generate_next_token() calls since the latest append_tokens
 
@@ -115,7 +117,8 @@ class Generator:
         if self._beams is not None:
             return self._beam_sequence(index)
         self._check_index(index, self._rows, "row")
-        return self._ids[index, : self._width][self._mask[index, : self._width] == 1].copy()
+        end = self._end_of(index)
+        return self._ids[index, :end][self._mask[index, :end] == 1].copy()
 
     def get_logits(self) -> np.ndarray:
         """float32 [rows, vocab]: the raw logits at each row's last position (the pending tokens are run first); for
@@ -159,6 +162,8 @@ class Generator:
         if self._rows == 0:
             self._start(tokens)
             return
+        if self._in_batch:
+            raise InvalidInputError("a generator in a DecodeBatch takes no more input")
         if self._beams is not None:
             raise InvalidInputError("beam search takes its prompt once: append_tokens after the first is not supported")
         rows = self._rows_of(tokens)
@@ -168,6 +173,8 @@ class Generator:
             raise InvalidInputError(f"append_tokens got {len(rows)} rows for a generator of {self._rows}")
         if any(not row for row in rows):
             raise InvalidInputError("append_tokens got an empty row: every row needs at least one token")
+        for row in np.flatnonzero(self._ended_at >= 0):  # the pads a finished row was fed drop out of its past
+            self._mask[row, self._ended_at[row] : self._width] = 0
         longest = max(map(len, rows))
         if self._width + longest >= self._context:
             raise InvalidInputError(
@@ -177,6 +184,7 @@ class Generator:
         self._write_rows(rows, longest)
         self._finished = np.zeros(self._rows, dtype=bool)
         self._stopped = np.zeros(self._rows, dtype=bool)
+        self._ended_at = np.full(self._rows, -1)
         self._any_finished = self._done = False
         self._prepare_ahead()
         self._begin_turn()
@@ -184,9 +192,10 @@ class Generator:
     def rewind_to(self, length: int) -> None:
         """Keep the first `length` tokens (prompt included) and drop the rest, their cache included, so that the
         next step continues from there (one row, greedy search or sampling)."""
-        if self._beams is not None or self._rows != 1:
+        if self._beams is not None or self._rows != 1 or self._in_batch:
             raise InvalidInputError(
-                f"rewind_to works on a generator of one row (not beam search); this one has {self._rows}"
+                f"rewind_to works on a generator of one row (not beam search, not in a batch); this one has "
+                f"{self._rows}"
             )
         if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= self._width:
             raise InvalidInputError(f"rewind_to needs a length from 1 to {self._width} (token_count), got {length!r}")
@@ -199,7 +208,7 @@ class Generator:
         self._turn_start = min(self._turn_start, length)
         del self._records[length - self._turn_start :]
         self._last = self._ids[:, length - 1].copy()
-        self._finished, self._stopped = np.zeros(1, dtype=bool), np.zeros(1, dtype=bool)
+        self._finished, self._stopped, self._ended_at = np.zeros(1, dtype=bool), np.zeros(1, dtype=bool), np.full(1, -1)
         self._any_finished = self._done = False
         self._prepare_ahead()
 
@@ -247,13 +256,18 @@ class Generator:
         self._chain.accept(tokens)
 
     def _end_rows(self, rows: np.ndarray, stopped: bool) -> None:
-        """Rows (bool [rows]) end: from the next column on they are fed the pad token, masked out."""
+        """Rows (bool [rows]) end here: from the next column on they are fed the pad token (attended, as transformers
+        feeds it, so that every row's keys run up to the last column; a later turn masks those columns out)."""
         if stopped:
             self._stopped = self._stopped | rows
+        self._ended_at[rows & ~self._finished] = self._width
         self._finished = self._finished | rows
-        self._mask[rows, self._width :] = 0
         self._any_finished = True
         self._done = bool(self._finished.all())
+
+    def _end_of(self, row: int) -> int:
+        """The columns that belong to row's sequence: up to where it ended, or all written."""
+        return int(self._ended_at[row]) if self._ended_at[row] >= 0 else self._width
 
     def _beam_step(self, logits: np.ndarray) -> None:
         beams, rows = self._beams, self._cache_rows
@@ -272,6 +286,31 @@ class Generator:
         self._ids[rows.of_beam, self._width] = tokens  # a prompt's beams share their mask and positions
         self._width += 1
 
+    # --- stepped inside a DecodeBatch (continuous batching: runtime/batching.py) --------------------------------------
+
+    def prefill(self) -> None:
+        """Run the pending tokens (the prompts) now, on this generator's own cache."""
+        self._current_logits()
+
+    def hand_over(self) -> tuple[KVCache, np.ndarray, np.ndarray]:
+        """Give this generator's cache to a DecodeBatch, which runs its model steps from now on (advance()): the
+        cache (every position but the pending token's), the attention mask of those positions [rows, length], and each
+        row's pending token and its position [rows, 2]. Greedy search or sampling only, after a step."""
+        if self._beams is not None or self._last is None or self._in_batch:
+            raise InvalidInputError("only a generator that has chosen a token (not beam search) joins a batch")
+        if self._cached != self._width - 1:
+            raise InvalidInputError("a generator joins a batch with one pending token per row")
+        cache, self._cache, self._in_batch = self._cache, None, True
+        column = self._width - 1
+        pending = np.stack([self._ids[:, column], self._positions[:, column]], axis=1)
+        return cache, self._mask[:, :column].copy(), pending
+
+    def advance(self, logits: np.ndarray) -> None:
+        """One step whose model run a DecodeBatch made (this generator's pending tokens among other rows): choose
+        from these logits [rows, vocab] (rows that ended may hold anything)."""
+        self._cached, self._logits = self._width, logits
+        self.generate_next_token()
+
     # --- results, for generate() -----------------------------------------------------------------------------------
 
     def continuations(self) -> list[Continuation]:
@@ -284,8 +323,9 @@ class Generator:
             records = [None if part[0] is None else np.stack(part, axis=1) for part in zip(*self._records, strict=True)]
         found = []
         for row in range(self._rows):
-            kept = self._mask[row, self._turn_start : self._width] == 1
-            tokens = self._ids[row, self._turn_start : self._width][kept]
+            end = self._end_of(row)
+            kept = self._mask[row, self._turn_start : end] == 1
+            tokens = self._ids[row, self._turn_start : end][kept]
             length = len(tokens)
             found.append(
                 Continuation(
@@ -321,6 +361,7 @@ class Generator:
         self._write_rows([row for row in encoded.rows for _ in range(self._copies)], longest)
         self._stopped = np.zeros(self._rows, dtype=bool)
         self._finished = np.full(self._rows, longest == self._context)  # a full context: logits, but no next token
+        self._ended_at = np.where(self._finished, self._width, -1)
         self._any_finished = self._done = longest == self._context
         if beams:
             stopping = combined([self._stop_criterion(longest), self._user_criteria])
@@ -383,11 +424,11 @@ class Generator:
         self._width = start + length
 
     def _prepare_ahead(self, start: int | None = None) -> None:
-        """The columns from `start` (default: width) on, before any token is there: mask 1 for running rows (0 for
-        finished ones), and positions that go on from each row's count of tokens."""
+        """The columns from `start` (default: width) on, before any token is there: mask 1 (finished rows too: they
+        are fed the pad token, attended), and positions that go on from each row's count of tokens."""
         start = self._width if start is None else start
         counts = self._mask[:, :start].sum(axis=1)
-        self._mask[:, start:] = ~self._finished[:, None]
+        self._mask[:, start:] = 1
         self._positions[:, start:] = counts[:, None] + np.arange(self._ids.shape[1] - start)
 
     def _ensure_room(self, width: int) -> None:
@@ -416,6 +457,8 @@ class Generator:
         """The last position's logits of every row (beam order for beams), running the pending tokens first."""
         self._need_tokens()
         if self._cached < self._width:
+            if self._in_batch:
+                raise InvalidInputError("this generator is stepped by a DecodeBatch: the batch runs its model steps")
             self._run_pending()
         if self._forced is not None:
             return self._forced

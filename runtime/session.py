@@ -124,7 +124,9 @@ class DecoderSession:
         self.kv_dtype = np.float16 if manifest.dtype == "float16" else np.float32
         device_cache = self.provider == "cuda" if device_cache is None else device_cache
         self.cache_kind = "preallocated" if self.preallocated else "device" if device_cache else "host"
-        self._gather = (
+        # Rows of one step may hold different numbers of positions (each row's keys end at its mask's last 1).
+        self.ragged_rows = self.preallocated and manifest.ragged_rows
+        self.gather = (  # reorders (beams) and cuts (rewind) device-resident caches on the device
             DeviceGather(2 * self.architecture.n_layer, self.kv_dtype, providers, self.provider)
             if self.cache_kind == "device"
             else None
@@ -180,7 +182,7 @@ class DecoderSession:
             return PreallocatedCache(buffers[0::2], buffers[1::2])
         empty = np.zeros((batch_size, arch.n_head, 0, arch.head_dim), self.kv_dtype)
         if self.cache_kind == "device":
-            return DeviceCache([empty] * arch.n_layer, [empty] * arch.n_layer, self._gather)
+            return DeviceCache([empty] * arch.n_layer, [empty] * arch.n_layer, self.gather)
         return HostCache([empty] * arch.n_layer, [empty] * arch.n_layer)
 
     def forward(
@@ -227,7 +229,7 @@ class DecoderSession:
             binding.bind_output(name, self.provider)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
-        return logits.numpy(), DeviceCache(present[0::2], present[1::2], self._gather)
+        return logits.numpy(), DeviceCache(present[0::2], present[1::2], self.gather)
 
     def _step_in_place(
         self, inputs: list[np.ndarray], logits_to_keep: int, past: PreallocatedCache

@@ -1,13 +1,15 @@
-"""The Starlette application: OpenAI-style /v1/completions and /v1/models, /health and /metrics."""
+"""The Starlette application: OpenAI-style /v1/completions, /v1/chat/completions and /v1/models, /health, /metrics.
+
+Every request goes through the scheduler (serve/scheduler.py): one decode batch for all of them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -22,34 +24,42 @@ from starlette.routing import Route
 from gpt2onnx.runtime.errors import InvalidInputError
 from gpt2onnx.runtime.model import GPT2Model
 
-from .engine import Engine, Overloaded, Relay
+from . import DEFAULT_MAX_BATCH
+from .chat import ChatTemplate
 from .protocol import (
-    MAX_SEQUENCES,
+    ChatAnswer,
     Choice,
+    CompletionAnswer,
     CompletionRequest,
     RequestError,
-    choice_body,
     completion_body,
-    logprobs_body,
     option_error,
+    parse_chat_request,
     parse_completion_request,
     usage_body,
 )
-from .stepping import ChoiceUpdate, choice_steps, collect_choices
+from .scheduler import Job, Overloaded, Scheduler, TooLarge
+from .stepping import join_choices
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+Answer = CompletionAnswer | ChatAnswer
 
 
-def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id: str | None = None) -> Starlette:
-    """The server for one loaded model: `workers` generations at a time, `queue_size` more waiting, 503 beyond.
-
-    model_id: the id the API shows and accepts (default: the bundle's source model, model.name).
-    """
+def create_app(
+    model: GPT2Model,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    queue_size: int = 8,
+    model_id: str | None = None,
+    chat_template: ChatTemplate | None = None,
+) -> Starlette:
+    """The server for one loaded model: one decode batch of `max_batch` rows for every request, `queue_size` more
+    requests waiting, 503 beyond. model_id: the id the API shows and accepts (default: the bundle's source model).
+    chat_template: renders /v1/chat/completions' messages (without one, that route answers 400)."""
     if model.manifest.tokenizer_path is None:  # every answer is text: refuse now, not on each request
         raise InvalidInputError(f"bundle {model.manifest.folder} has no tokenizer, and the server answers with text")
-    engine = Engine(workers, queue_size)
+    scheduler = Scheduler(model, max_batch, queue_size)
     created = int(time.time())
     model_id = model_id or model.name
 
@@ -57,7 +67,7 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id
         return JSONResponse({"status": "ok", "model": model_id, "provider": model.provider})
 
     async def metrics(request: Request) -> Response:
-        return JSONResponse(engine.snapshot())
+        return JSONResponse(scheduler.snapshot())
 
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "gpt2-onnx"}
@@ -77,28 +87,38 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id
 
     async def completions(request: Request) -> Response:
         parsed = parse_completion_request(await read_json(request), model_id)
+        return await answer(request, parsed, CompletionAnswer())
+
+    async def chat_completions(request: Request) -> Response:
+        parsed = parse_chat_request(await read_json(request), model_id, chat_template)
+        return await answer(request, parsed, ChatAnswer())
+
+    async def answer(request: Request, parsed: CompletionRequest, shape: Answer) -> Response:
         rows = await run_in_threadpool(prepare, model, parsed)
+        generator = model.generator(**parsed.options)
+        generator.append_tokens(rows)
+        try:
+            job = scheduler.submit(generator)
+        except TooLarge:
+            message = f"prompts x n = {generator.rows} rows is more than this server's batch of {max_batch}"
+            raise RequestError(message, param="n") from None
         prompt_tokens = sum(map(len, rows))
-        answer = partial(completion_body, f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_id)
-        steps = request_steps(model, rows, parsed)  # generates nothing until iterated, on a worker
+        body = partial(completion_body, f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model_id)
         if parsed.stream:
-            return event_stream(step_events(parsed, Relay(engine, steps), answer, prompt_tokens))
-        cancelled = threading.Event()
-        job = engine.submit(partial(collect_choices, steps, len(rows) * parsed.n, cancelled))
-        choices = await unless_disconnected(request, job, cancelled)
+            return event_stream(
+                stream_events(parsed, job, shape, partial(body, kind=shape.chunk_object), prompt_tokens)
+            )
+        choices = await unless_disconnected(request, job, len(rows) * parsed.n)
         if choices is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         with_logprobs = parsed.logprobs is not None
-        bodies = [
-            choice_body(c.index, c.text, c.finish_reason, logprobs_body(c.pieces) if with_logprobs else None)
-            for c in choices
-        ]
-        return JSONResponse(answer(bodies, usage_body(prompt_tokens, choices)))
+        bodies = [shape.whole_choice(choice, with_logprobs) for choice in choices]
+        return JSONResponse(body(bodies, usage_body(prompt_tokens, choices), kind=shape.whole_object))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        engine.close()
+        await run_in_threadpool(scheduler.close)  # after the last connection: running requests finish first
 
     app = Starlette(
         routes=[
@@ -107,6 +127,7 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id
             Route("/v1/models", list_models),
             Route("/v1/models/{model_id:path}", get_model),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         ],
         exception_handlers={
             RequestError: request_error,
@@ -116,6 +137,7 @@ def create_app(model: GPT2Model, workers: int = 1, queue_size: int = 8, model_id
         },
         lifespan=lifespan,
     )
+    app.state.scheduler = scheduler
     return app
 
 
@@ -129,20 +151,11 @@ def prepare(model: GPT2Model, parsed: CompletionRequest) -> list[list[int]]:
         rows = model.encode(parsed.prompts, parsed.input_ids).rows
     except InvalidInputError as error:
         raise RequestError(str(error), param="prompt") from None
-    if len(rows) * parsed.n > MAX_SEQUENCES:
-        raise RequestError(f"prompts x n must be <= {MAX_SEQUENCES}, got {len(rows)} x {parsed.n}", param="n")
     try:
         model.check_context(rows, options.max_new_tokens)
     except InvalidInputError as error:
         raise RequestError(str(error), param="max_tokens", code="context_length_exceeded") from None
     return rows
-
-
-def request_steps(model: GPT2Model, rows: list[list[int]], parsed: CompletionRequest) -> Iterator[list[ChoiceUpdate]]:
-    """The request's choices step by step, from one Generator over all its rows (prompts x n)."""
-    generator = model.generator(**parsed.options)
-    generator.append_tokens(rows)
-    return choice_steps(generator, model.tokenizer, generator.options.stop)
 
 
 async def read_json(request: Request) -> Any:
@@ -164,62 +177,66 @@ async def read_json(request: Request) -> Any:
         raise RequestError("the request body is not valid JSON") from None
 
 
-async def unless_disconnected(
-    request: Request, job: asyncio.Future[list[Choice]], cancelled: threading.Event
-) -> list[Choice] | None:
-    """The job's result; None if the client went away first (then the job is dropped if it has not started, and
-    stops at its next step if it has)."""
+async def unless_disconnected(request: Request, job: Job, count: int) -> list[Choice] | None:
+    """The job's choices; None if the client went away first (the scheduler then drops it at its next step)."""
+
+    async def collected() -> list[Choice]:
+        return join_choices([updates async for updates in job.updates()], count)
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    watcher = asyncio.ensure_future(disconnected())
+    work, watcher = asyncio.ensure_future(collected()), asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not job.done():
-        cancelled.set()
+    if not work.done():
         job.cancel()
+        work.cancel()
         return None
-    return job.result()
+    return work.result()
 
 
-async def step_events(
+async def stream_events(
     parsed: CompletionRequest,
-    steps: Relay[list[ChoiceUpdate]],
-    answer: partial[dict[str, Any]],
+    job: Job,
+    shape: Answer,
+    chunk: partial[dict[str, Any]],
     prompt_tokens: int,
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """Chunks as the generation runs on a worker: each choice's new text (with its logprobs when asked) and its end;
-    then the usage when asked. The generation stops if the client leaves."""
+    """Chunks as the scheduler steps the request: each choice's new text (with its logprobs when asked) and its end;
+    then the usage when asked. The request is dropped if the client leaves."""
     usage = {"usage": None} if parsed.include_usage else {}
     with_logprobs = parsed.logprobs is not None
     completion_tokens = 0
     try:
-        async for updates in steps:
-            for update in updates:
-                completion_tokens += 1
-                if update.piece.text or with_logprobs:
-                    logprobs = logprobs_body([update.piece]) if with_logprobs else None
-                    yield {**answer([choice_body(update.index, update.piece.text, None, logprobs)], None), **usage}
-                if update.finish_reason is not None:
-                    yield {**answer([choice_body(update.index, "", update.finish_reason, None)], None), **usage}
-        if steps.job.cancelled() or steps.job.exception() is not None:
-            yield failure(steps.job)
+        for index in range(job.rows):
+            start = shape.start_choice(index)
+            if start is not None:
+                yield {**chunk([start], None), **usage}
+        try:
+            async for updates in job.updates():
+                for update in updates:
+                    completion_tokens += 1
+                    if update.piece.text or with_logprobs:
+                        yield {**chunk([shape.piece_choice(update.index, update.piece, with_logprobs)], None), **usage}
+                    if update.finish_reason is not None:
+                        yield {**chunk([shape.end_choice(update.index, update.finish_reason)], None), **usage}
+        except Exception as error:
+            yield failure(error)
             return
         if parsed.include_usage:
             total = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-            yield answer([], {**total, "total_tokens": prompt_tokens + completion_tokens})
+            yield chunk([], {**total, "total_tokens": prompt_tokens + completion_tokens})
     finally:
-        steps.close()
+        job.cancel()  # a no-op once it has ended; a client that left stops it at the next step
 
 
-def failure(job: asyncio.Future[Any]) -> dict[str, Any]:
+def failure(error: BaseException) -> dict[str, Any]:
     """The error event that ends a stream whose generation failed after the answer had started."""
-    reason = "cancelled (the server is shutting down)" if job.cancelled() else repr(job.exception())
-    return RequestError(f"generation failed: {reason}", type="server_error", status=500).body()
+    return RequestError(f"generation failed: {error!r}", type="server_error", status=500).body()
 
 
 def event_stream(events: AsyncGenerator[dict[str, Any], None]) -> StreamingResponse:
@@ -240,7 +257,7 @@ async def request_error(request: Request, error: Exception) -> Response:
 
 async def overloaded(request: Request, error: Exception) -> Response:
     body = RequestError(
-        "the server is busy: every worker is generating and the queue is full; retry shortly",
+        "the server is busy: the decode batch is full and so is the queue; retry shortly",
         code="queue_full",
         status=503,
         type="server_overloaded",

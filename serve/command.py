@@ -21,6 +21,8 @@ from gpt2onnx.cli.common import (
 )
 from gpt2onnx.runtime.errors import InvalidInputError
 
+from . import DEFAULT_MAX_BATCH
+
 PROG = "gpt2-serve"
 
 
@@ -29,17 +31,28 @@ def build_parser() -> ArgumentParser:
         prog=PROG,
         description="Serve a GPT-2 bundle over HTTP with OpenAI's /v1/completions API (no PyTorch needed).",
     )
-    add_bundle_arguments(
-        parser, parser, threads_help="CPU threads per generation (default: physical cores / workers, min. 1)"
-    )
+    add_bundle_arguments(parser, parser, threads_help="CPU threads of the model's steps (default: physical cores)")
     parser.add_argument(
         "--model-name", help="model id the API shows and accepts (default: the bundle's source model, e.g. gpt2)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--workers", type=positive_int, default=1, help="generations run at once (default: 1)")
     parser.add_argument(
-        "--queue-size", type=non_negative_int, default=8, help="requests that may wait for a worker; more get 503"
+        "--max-batch",
+        type=positive_int,
+        default=DEFAULT_MAX_BATCH,
+        help=f"rows decoded together in one batch, all requests' choices included (default: {DEFAULT_MAX_BATCH})",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=non_negative_int,
+        default=8,
+        help="requests that may wait for room in the batch; more get 503",
+    )
+    parser.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a Jinja chat template for /v1/chat/completions (GPT-2 has none; examples/chat_template.jinja is one)",
     )
     parser.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="uvicorn's"
@@ -67,11 +80,13 @@ def bind(host: str, port: int) -> socket.socket:
         raise InvalidInputError(f"cannot listen on {host} port {port}: {reason} (choose another with --port)") from None
 
 
-def threads_per_worker(workers: int) -> int:
-    """The physical cores shared out among the workers: generations running at once must not oversubscribe them."""
-    from gpt2onnx.runtime.session import physical_cores
-
-    return max(1, physical_cores() // workers)
+def special_token_texts(model) -> tuple[str, str]:
+    """The BOS and EOS tokens' texts, for the chat template's bos_token and eos_token."""
+    manifest = model.manifest
+    return tuple(
+        model.tokenizer.decode([token]) if token is not None else ""
+        for token in (manifest.bos_token_id, manifest.eos_token_id)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,12 +97,22 @@ def main(argv: list[str] | None = None) -> int:
             import uvicorn
 
             from .app import create_app
+            from .chat import ChatTemplate
         except ImportError as error:
             print(f"{PROG}: error: {error}; install the serve extra: pip install 'gpt2-onnx[serve]'", file=sys.stderr)
             return EXIT_FAILURE
         listener = bind(args.host, args.port)
-        model = load_bundle(args, args.threads or threads_per_worker(args.workers), PROG)
-        app = create_app(model, workers=args.workers, queue_size=args.queue_size, model_id=args.model_name)
+        template = ChatTemplate.from_file(args.chat_template) if args.chat_template else None  # checked before loading
+        model = load_bundle(args, args.threads, PROG)
+        if template is not None:
+            template = ChatTemplate.from_file(args.chat_template, *special_token_texts(model))
+        app = create_app(
+            model,
+            max_batch=args.max_batch,
+            queue_size=args.queue_size,
+            model_id=args.model_name,
+            chat_template=template,
+        )
         if not is_loopback(args.host):
             print(
                 f"{PROG}: warning: listening on {args.host}, reachable from other machines, with no authentication",

@@ -1,4 +1,5 @@
-"""OpenAI's completions API in gpt2onnx terms: check a request body, then shape responses and stream chunks.
+"""OpenAI's completions and chat completions APIs in gpt2onnx terms: check a request body, then shape responses
+and stream chunks.
 
 No web framework here: plain data in, plain data out, so the mapping can be read (and tested) on its own.
 """
@@ -11,10 +12,12 @@ from typing import Any
 
 from gpt2onnx.runtime.errors import InvalidInputError
 
+from .chat import NO_TEMPLATE, ChatTemplate, TemplateError
+
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_CHAT_MAX_TOKENS = 256  # chat answers are longer; a prompt plus this must still fit the context
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
-MAX_SEQUENCES = 64  # prompts x n in one request: one batch of this many rows at most
 
 # Request fields gpt2onnx cannot honour, with the one value each may take (what OpenAI does by default).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
@@ -41,6 +44,12 @@ KNOWN_FIELDS = {
     "top_k",  # extensions, as other OpenAI-compatible servers accept them
     "repetition_penalty",
     *NEUTRAL_VALUES,
+}
+CHAT_FIELDS = (KNOWN_FIELDS - {"prompt", "logprobs", "best_of"}) | {
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
 }
 # generate() option -> the request field that sets it, for error messages and `param`.
 FIELD_OF_OPTION = {
@@ -94,10 +103,47 @@ class CompletionRequest:
 def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
     """Check the JSON body's shape and what OpenAI's fields mean here (temperature 0 = greedy, limits on n, stop
     and logprobs), and map them to generate() options, whose own checks run in prepare()."""
+    _check_fields(body, KNOWN_FIELDS, model_id)
+    prompts, input_ids = _prompt(body.get("prompt"))
+    logprobs = body.get("logprobs")
+    if _is_int(logprobs) and logprobs > MAX_LOGPROBS:
+        raise RequestError(f"logprobs must be <= {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != _field(body, "n", 1):
+        raise RequestError("best_of is supported only equal to n", param="best_of", code="unsupported")
+    return _request(body, prompts, input_ids, _field(body, "max_tokens", DEFAULT_MAX_TOKENS), logprobs)
+
+
+def parse_chat_request(body: Any, model_id: str, template: ChatTemplate | None) -> CompletionRequest:
+    """/v1/chat/completions: the messages rendered by the chat template into one prompt, and the same options as a
+    completion (max_tokens or max_completion_tokens; logprobs true with top_logprobs)."""
+    _check_fields(body, CHAT_FIELDS, model_id)
+    messages = _messages(body.get("messages"))
+    if template is None:
+        raise RequestError(NO_TEMPLATE, param="messages", code="chat_template_missing")
+    try:
+        prompt = template.render(messages)
+    except TemplateError as error:
+        raise RequestError(f"the chat template refused the messages: {error}", param="messages") from None
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise RequestError("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
+    max_tokens = _field(body, "max_completion_tokens", _field(body, "max_tokens", DEFAULT_CHAT_MAX_TOKENS))
+    with_logprobs = _flag(body.get("logprobs"), "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None and not with_logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_LOGPROBS):
+        raise RequestError(
+            f"top_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {top!r}", param="top_logprobs"
+        )
+    return _request(body, [prompt], None, max_tokens, (top or 0) if with_logprobs else None)
+
+
+def _check_fields(body: Any, known: set[str], model_id: str) -> None:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     for name in body:
-        if name not in KNOWN_FIELDS:
+        if name not in known:
             raise RequestError(f"unrecognized request argument supplied: {name}", param=name)
     for name, allowed in NEUTRAL_VALUES.items():
         if body.get(name) not in allowed:
@@ -110,13 +156,19 @@ def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
             code="model_not_found",
             status=404,
         )
-    prompts, input_ids = _prompt(body.get("prompt"))
+
+
+def _request(
+    body: dict[str, Any],
+    prompts: list[str] | None,
+    input_ids: list[list[int]] | None,
+    max_tokens: Any,
+    logprobs: int | None,
+) -> CompletionRequest:
+    """The generate() options of the sampling fields both endpoints share."""
     stream = _flag(body.get("stream"), "stream")
     include_usage = _stream_options(body.get("stream_options"), stream)
     n = _field(body, "n", 1)
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != n:
-        raise RequestError("best_of is supported only equal to n", param="best_of", code="unsupported")
     temperature = _field(body, "temperature", 1.0)
     greedy = _is_number(temperature) and temperature == 0
     if _is_number(temperature) and temperature < 0:
@@ -128,11 +180,8 @@ def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
     stop = body.get("stop")
     if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
         raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
-    logprobs = body.get("logprobs")
-    if _is_int(logprobs) and logprobs > MAX_LOGPROBS:
-        raise RequestError(f"logprobs must be <= {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
     options: dict[str, Any] = {
-        "max_new_tokens": _field(body, "max_tokens", DEFAULT_MAX_TOKENS),
+        "max_new_tokens": max_tokens,
         "do_sample": not greedy,
         "top_p": body.get("top_p"),
         "top_k": _field(body, "top_k", 0),  # OpenAI samples from the whole vocabulary
@@ -146,6 +195,26 @@ def parse_completion_request(body: Any, model_id: str) -> CompletionRequest:
     if logprobs is not None:
         options.update(output_scores=True, top_logprobs=logprobs)
     return CompletionRequest(prompts, input_ids, n, options, stream, include_usage, logprobs)
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    """OpenAI's messages: a non-empty list of {role, content}; content a string or a list of text parts."""
+    if not isinstance(value, list) or not value:
+        raise RequestError("messages must be a non-empty list of {role, content} objects", param="messages")
+    messages = []
+    for index, message in enumerate(value):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError(f"{where} must be an object with a string role", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+                raise RequestError(f"{where}.content: only text parts are supported", param="messages")
+            content = "".join(str(part.get("text", "")) for part in content)
+        if not isinstance(content, str):
+            raise RequestError(f"{where}.content must be a string or a list of text parts", param="messages")
+        messages.append({**message, "content": content})
+    return messages
 
 
 def option_error(error: InvalidInputError) -> RequestError:
@@ -239,6 +308,70 @@ def logprobs_body(pieces: Sequence[TokenPiece]) -> dict[str, Any]:
     }
 
 
+def chat_logprobs_body(pieces: Sequence[TokenPiece]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` object: per token its text, log-probability, UTF-8 bytes and the best alternatives."""
+
+    def entry(token: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {
+                **entry(piece.token, piece.logprob),
+                "top_logprobs": [entry(token, value) for token, value in (piece.top or {}).items()],
+            }
+            for piece in pieces
+        ]
+    }
+
+
+class CompletionAnswer:
+    """/v1/completions' shapes: text_completion objects, `text` per choice."""
+
+    id_prefix, whole_object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def whole_choice(self, choice: Choice, with_logprobs: bool) -> dict[str, Any]:
+        return choice_body(choice.index, choice.text, choice.finish_reason, _logprobs_of(choice.pieces, with_logprobs))
+
+    def piece_choice(self, index: int, piece: TokenPiece, with_logprobs: bool) -> dict[str, Any]:
+        return choice_body(index, piece.text, None, logprobs_body([piece]) if with_logprobs else None)
+
+    def end_choice(self, index: int, finish_reason: str) -> dict[str, Any]:
+        return choice_body(index, "", finish_reason, None)
+
+    def start_choice(self, index: int) -> dict[str, Any] | None:
+        return None
+
+
+class ChatAnswer:
+    """/v1/chat/completions' shapes: chat.completion objects, an assistant `message` (or `delta`) per choice."""
+
+    id_prefix, whole_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def whole_choice(self, choice: Choice, with_logprobs: bool) -> dict[str, Any]:
+        return {
+            "index": choice.index,
+            "message": {"role": "assistant", "content": choice.text},
+            "logprobs": chat_logprobs_body(choice.pieces) if with_logprobs else None,
+            "finish_reason": choice.finish_reason,
+        }
+
+    def piece_choice(self, index: int, piece: TokenPiece, with_logprobs: bool) -> dict[str, Any]:
+        logprobs = chat_logprobs_body([piece]) if with_logprobs else None
+        return {"index": index, "delta": {"content": piece.text}, "logprobs": logprobs, "finish_reason": None}
+
+    def end_choice(self, index: int, finish_reason: str) -> dict[str, Any]:
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+
+    def start_choice(self, index: int) -> dict[str, Any] | None:
+        """A stream's first chunk of each choice names the role, as OpenAI's do."""
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def _logprobs_of(pieces: Sequence[TokenPiece], with_logprobs: bool) -> dict[str, Any] | None:
+    return logprobs_body(pieces) if with_logprobs else None
+
+
 def usage_body(prompt_tokens: int, choices: Sequence[Choice]) -> dict[str, int]:
     completion_tokens = sum(choice.completion_tokens for choice in choices)
     return {
@@ -253,12 +386,17 @@ def choice_body(index: int, text: str, finish_reason: str | None, logprobs: dict
 
 
 def completion_body(
-    completion_id: str, created: int, model_id: str, choices: list[dict[str, Any]], usage: dict[str, int] | None
+    completion_id: str,
+    created: int,
+    model_id: str,
+    choices: list[dict[str, Any]],
+    usage: dict[str, int] | None,
+    kind: str = "text_completion",
 ) -> dict[str, Any]:
-    """A completion object (the whole answer, or one stream chunk when usage is None)."""
+    """A completion object (the whole answer, or one stream chunk when usage is None) of this `object` kind."""
     body: dict[str, Any] = {
         "id": completion_id,
-        "object": "text_completion",
+        "object": kind,
         "created": created,
         "model": model_id,
         "choices": choices,

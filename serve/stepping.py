@@ -1,19 +1,16 @@
 """A request's choices, step by step: one Generator for all its rows, and per step each choice's new piece of text
 (never part of a stop string, never a split character) with its log-probabilities. Streamed answers send these as
-they come; whole answers join them: both from the same single generation."""
+they come; whole answers join them: both from the same single generation (the scheduler steps it)."""
 
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gpt2onnx.runtime.generator import Generator
 from gpt2onnx.runtime.stop_strings import StopStringFilter
 from gpt2onnx.runtime.tokenizer import StreamDecoder, Tokenizer
 
-from .engine import Cancelled
 from .protocol import Choice, TokenPiece
 
 
@@ -44,28 +41,34 @@ class _ChoiceText:
         return text, offset
 
 
-def choice_steps(generator: Generator, tokenizer: Tokenizer, stop: tuple[str, ...]) -> Iterator[list[ChoiceUpdate]]:
-    """Run the generator to its end; yield, after each step, the updates of the choices that were still running."""
-    texts = [_ChoiceText(tokenizer, stop) for _ in range(generator.rows)]
-    running = [True] * generator.rows
-    with_logprobs = generator.options.records_logprobs
-    while not generator.is_done():
-        generator.generate_next_token()
+class ChoiceTracker:
+    """A request's choices (the rows of its generator) after each step: what text each new token releases."""
+
+    def __init__(self, generator: Generator, tokenizer: Tokenizer) -> None:
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.texts = [_ChoiceText(tokenizer, generator.options.stop) for _ in range(generator.rows)]
+        self.running = [True] * generator.rows
+        self.with_logprobs = generator.options.records_logprobs
+
+    def updates(self) -> list[ChoiceUpdate]:
+        """The updates of the step just made, for the choices that were still running before it."""
+        generator, tokenizer = self.generator, self.tokenizer
         tokens = generator.get_next_tokens().tolist()
         reasons = generator.finish_reasons()
-        logprobs = generator.get_logprobs() if with_logprobs else None
+        logprobs = generator.get_logprobs() if self.with_logprobs else None
         updates = []
         for index, (token, reason) in enumerate(zip(tokens, reasons, strict=True)):
-            if not running[index]:
+            if not self.running[index]:
                 continue
-            text, offset = texts[index].push(token, last=reason is not None)
+            text, offset = self.texts[index].push(token, last=reason is not None)
             name = tokenizer.token_strings([token])[0]
             piece = TokenPiece(text, offset, name)
             if logprobs is not None:
                 piece.logprob, piece.top = _logprobs(tokenizer, logprobs, index, name)
             updates.append(ChoiceUpdate(index, piece, reason))
-            running[index] = reason is None
-        yield updates
+            self.running[index] = reason is None
+        return updates
 
 
 def _logprobs(tokenizer: Tokenizer, logprobs: tuple, row: int, token: str) -> tuple[float, dict[str, float] | None]:
@@ -81,13 +84,10 @@ def _logprobs(tokenizer: Tokenizer, logprobs: tuple, row: int, token: str) -> tu
     return value, top
 
 
-def collect_choices(steps: Iterator[list[ChoiceUpdate]], count: int, cancelled: threading.Event) -> list[Choice]:
-    """The whole answer: every choice's pieces joined, from the same steps a stream would send (stopped at the next
-    step once `cancelled` is set: the client left)."""
+def join_choices(steps: list[list[ChoiceUpdate]], count: int) -> list[Choice]:
+    """The whole answer: every choice's pieces joined, from the same updates a stream sends."""
     choices = [Choice(index, "", None, 0) for index in range(count)]
     for updates in steps:
-        if cancelled.is_set():
-            raise Cancelled
         for update in updates:
             choice = choices[update.index]
             choice.text += update.piece.text

@@ -1,6 +1,8 @@
 """gpt2-serve end to end: the real server in a subprocess on a free loopback port, driven by httpx and openai.
 
-The server runs with one worker and a queue of one, so that a small burst already overflows it.
+The server runs with a batch of 16 rows and a queue of one, so that a small burst of full-batch requests already
+overflows it. Continuous batching's own checks (many requests at once, chat, a graceful stop) are in
+tests/test_serve_batching.py.
 """
 
 from __future__ import annotations
@@ -9,13 +11,9 @@ import asyncio
 import json
 import math
 import shutil
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,91 +22,24 @@ import openai
 import pytest
 
 import gpt2onnx
-from conftest import BLOCKER, RandomGPT2
+from _server import TIMEOUT, Server, running_server
+from conftest import RandomGPT2
 from gpt2onnx.runtime.model import GPT2Model
 
-WORKERS, QUEUE_SIZE = 1, 1
+MAX_BATCH, QUEUE_SIZE = 16, 1
 MODEL_ID = "tiny-gpt2"
 PROMPT = "Artificial intelligence"
 LONG = 1000  # tokens: about a second of work for the tiny model, so that a disconnect lands mid-generation
-HEAVY = {"prompt": ["Hello"] * 16, "max_tokens": LONG, "temperature": 0}  # seconds of work: a busy worker
-TIMEOUT = 60.0
-
-
-@dataclass
-class Server:
-    url: str
-    model_id: str
-
-    def complete(self, **body: Any) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/completions", json={"model": self.model_id, **body}, timeout=TIMEOUT)
-
-    def metrics(self) -> dict[str, int]:
-        return httpx.get(f"{self.url}/metrics", timeout=TIMEOUT).json()
-
-    def events(self, **body: Any) -> list[dict[str, Any]]:
-        """The JSON events of a streamed completion; checks the stream ends with `data: [DONE]`."""
-        with httpx.stream(
-            "POST", f"{self.url}/v1/completions", json={"model": self.model_id, **body, "stream": True}, timeout=TIMEOUT
-        ) as response:
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
-            data = [line.removeprefix("data: ") for line in response.iter_lines() if line]
-        assert data[-1] == "[DONE]"
-        return [json.loads(item) for item in data[:-1]]
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
-
-    def wait_until(self, condition: Callable[[dict[str, int]], bool], seconds: float = 30.0) -> dict[str, int]:
-        """Poll /metrics until condition holds (bounded); return the metrics that satisfied it."""
-        deadline = time.monotonic() + seconds
-        while not condition(metrics := self.metrics()):
-            assert time.monotonic() < deadline, f"metrics never reached the expected state: {metrics}"
-            time.sleep(0.05)
-        return metrics
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+HEAVY = {"prompt": ["Hello"] * MAX_BATCH, "max_tokens": LONG, "temperature": 0}  # seconds of work: a full batch
 
 
 @pytest.fixture(scope="module")
 def server(tiny_gpt2: RandomGPT2, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gpt2-serve in a subprocess where torch, transformers and the like cannot be imported."""
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    command = [
-        *(sys.executable, "-c", BLOCKER, "gpt2onnx.serve.command"),
-        *("--model", str(tiny_gpt2.bundle), "--model-name", MODEL_ID, "--port", str(port)),
-        *("--workers", str(WORKERS), "--queue-size", str(QUEUE_SIZE), "--threads", "1", "--log-level", "warning"),
-    ]
-    url = f"http://127.0.0.1:{port}"
-    with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"gpt2-serve exited: {log.read_text()}"
-            try:
-                health = httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, f"gpt2-serve did not start within 60 s: {log.read_text()}"
-                time.sleep(0.1)
-        assert health.json()["model"] == MODEL_ID
-        yield Server(url, MODEL_ID)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, log.read_text()  # SIGTERM: a graceful stop
-    assert json.loads(log.read_text().strip().splitlines()[-1]) == {"loaded": []}
+    arguments = ["--max-batch", str(MAX_BATCH), "--queue-size", str(QUEUE_SIZE), "--threads", "1"]
+    with running_server(tiny_gpt2.bundle, log, MODEL_ID, arguments) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +64,17 @@ def test_health_models_and_metrics(server: Server) -> None:
     assert client.models.retrieve(server.model_id).owned_by == "gpt2-onnx"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+    server.complete(prompt=PROMPT, max_tokens=4, temperature=0)
     metrics = server.metrics()
-    assert {"running", "queued", "admitted", "rejected", "completed", "cancelled", "failed"} <= set(metrics)
-    assert (metrics["workers"], metrics["queue_size"]) == (WORKERS, QUEUE_SIZE)
+    assert {"running", "running_rows", "queued", "admitted", "rejected", "completed", "cancelled", "failed"} <= set(
+        metrics
+    )
+    assert (metrics["max_batch"], metrics["queue_size"]) == (MAX_BATCH, QUEUE_SIZE)
+    assert metrics["generated_tokens"] >= 4 and metrics["generated_tokens_per_s"] > 0
+    for latency in ("time_to_first_token_s", "inter_token_latency_s"):
+        percentiles = metrics[latency]
+        assert set(percentiles) == {"p50", "p90", "p99"}
+        assert 0 < percentiles["p50"] <= percentiles["p90"] <= percentiles["p99"]
 
 
 def test_greedy_completion_equals_the_python_api(server: Server, model: GPT2Model) -> None:
@@ -341,8 +280,7 @@ def test_a_burst_larger_than_the_queue_gets_503_while_the_loop_stays_responsive(
         async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as client:
             request = {"model": server.model_id, **HEAVY}
             tasks = [
-                asyncio.create_task(client.post("/v1/completions", json=request))
-                for _ in range(WORKERS + QUEUE_SIZE + extra)
+                asyncio.create_task(client.post("/v1/completions", json=request)) for _ in range(1 + QUEUE_SIZE + extra)
             ]
             deadline = time.monotonic() + TIMEOUT
             while sum(task.done() for task in tasks) < extra:  # the refusals come back at once
@@ -355,14 +293,14 @@ def test_a_burst_larger_than_the_queue_gets_503_while_the_loop_stays_responsive(
 
     responses, load, health = asyncio.run(burst())
     assert health == 200
-    assert (load["running"], load["queued"]) == (WORKERS, QUEUE_SIZE)
+    assert (load["running"], load["running_rows"], load["queued"]) == (1, MAX_BATCH, QUEUE_SIZE)
     statuses = sorted(response.status_code for response in responses)
-    assert statuses == [200] * (WORKERS + QUEUE_SIZE) + [503] * extra
+    assert statuses == [200] * (1 + QUEUE_SIZE) + [503] * extra
     refusal = next(response for response in responses if response.status_code == 503)
     assert refusal.json()["error"]["code"] == "queue_full" and refusal.headers["retry-after"] == "1"
     after = server.metrics()
     assert after["rejected"] - before["rejected"] == extra
-    assert after["completed"] - before["completed"] == WORKERS + QUEUE_SIZE
+    assert after["completed"] - before["completed"] == 1 + QUEUE_SIZE
 
 
 def test_a_client_that_leaves_a_stream_stops_its_generation(server: Server) -> None:
@@ -401,13 +339,11 @@ def test_a_queued_request_whose_client_left_never_runs(server: Server) -> None:
     assert after["completed"] == before["completed"] + 1
 
 
-def test_workers_share_the_cores_unless_threads_are_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Busy workers with a thread per core each would oversubscribe the CPU: the default shares the cores out."""
+def test_threads_and_batch_options_reach_the_model_and_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch steps at a time, so the model's steps take every core unless --threads says otherwise."""
     import gpt2onnx
     from gpt2onnx.serve import command
 
-    monkeypatch.setattr("gpt2onnx.runtime.session.physical_cores", lambda: 8)
-    assert [command.threads_per_worker(workers) for workers in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
     asked: list[int | None] = []
 
     def fake_load(path: str, **options: Any) -> None:
@@ -415,9 +351,9 @@ def test_workers_share_the_cores_unless_threads_are_given(monkeypatch: pytest.Mo
         raise gpt2onnx.BundleError("stop here")
 
     monkeypatch.setattr(gpt2onnx, "load", fake_load)
-    assert command.main(["--model", "x", "--port", "0", "--workers", "3"]) == 2
-    assert command.main(["--model", "x", "--port", "0", "--workers", "3", "--threads", "5"]) == 2
-    assert asked == [2, 5]
+    assert command.main(["--model", "x", "--port", "0"]) == 2
+    assert command.main(["--model", "x", "--port", "0", "--threads", "5"]) == 2
+    assert asked == [None, 5]
 
 
 def test_a_bundle_without_a_tokenizer_is_refused_at_start(tiny_gpt2: RandomGPT2, tmp_path: Path) -> None:
