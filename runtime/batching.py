@@ -47,10 +47,17 @@ class _Member:
 class DecodeBatch:
     """Up to `max_rows` rows of any number of generators, stepped together (see the module's docstring)."""
 
-    def __init__(self, session: DecoderSession, max_rows: int, ragged: bool | None = None) -> None:
-        """ragged: the layout (default: ragged where the session's graph takes it, see the module's docstring)."""
+    def __init__(self, session: DecoderSession, max_rows: int, ragged: bool | None = None, min_rows: int = 1) -> None:
+        """ragged: the layout (default: ragged where the session's graph takes it, see the module's docstring).
+        min_rows: a step runs at least this many rows, copies of the first standing in (2 for int8 graphs:
+        MatMulNBits computes a lone row on another code path, whose logits differ by ~0.04 on GPT-2 small, so a
+        request's answer would depend on whether it was alone)."""
+        if not 1 <= min_rows <= max_rows:
+            raise ValueError(f"min_rows must be from 1 to max_rows ({max_rows}), got {min_rows}")
         self.session = session
         self.max_rows = max_rows
+        self.min_rows = min_rows
+        self._shadows = 0  # rows after the real ones that copy the first one (min_rows)
         self.ragged = session.ragged_rows if ragged is None else ragged
         if self.ragged and session.cache_kind != "preallocated":
             raise ValueError("the ragged layout needs a preallocated cache")
@@ -75,6 +82,19 @@ class DecodeBatch:
     @property
     def free(self) -> int:
         return self.max_rows - len(self._rows)
+
+    def _shadow(self, count: int) -> int:
+        """Rows to run this step: the real ones, with copies of the first up to min_rows (made once, then kept equal
+        by running them on the same tokens)."""
+        run = max(count, self.min_rows)
+        if run > count and self._shadows != run - count:
+            for slot in range(count, run):
+                self._mask[slot] = self._mask[0]
+                self._tokens[slot], self._positions[slot] = self._tokens[0], self._positions[0]
+                self._lengths[slot] = self._lengths[0]
+                self._store.move(0, slot, self._width)
+            self._shadows = run - count
+        return run
 
     @property
     def generators(self) -> list[Generator]:
@@ -102,6 +122,7 @@ class DecodeBatch:
         self._tokens[slots] = pending[running, 0]
         self._positions[slots] = pending[running, 1]
         self._store.place(slots, cache, np.array(running), offset, length)
+        self._shadows = 0
         member = self._members.setdefault(id(generator), _Member(generator))
         for index in running:
             row = _Row(generator, index)
@@ -122,29 +143,33 @@ class DecodeBatch:
         if not self._rows:
             return []
         count = len(self._rows)
+        if not self.ragged and self._width + 1 > self._context:
+            self._compact()
+        run = self._shadow(count)
         if self.ragged:  # each row's next token at its own column
-            columns = self._lengths[:count]
+            columns = self._lengths[:run]
             width = int(columns.max())
             self._ensure_columns(width + 1)
-            self._mask[np.arange(count), columns] = 1
+            self._mask[np.arange(run), columns] = 1
         else:  # every row's at column `width`
-            if self._width + 1 > self._context:
-                self._compact()
             width = self._width
             self._ensure_columns(width + 1)
-            self._mask[:count, width] = 1
+            self._mask[:run, width] = 1
         logits = self._store.step(
-            self._tokens[:count, None], self._mask[:count, : width + 1], self._positions[:count, None], count, width
-        )[:, -1]
-        self._lengths[:count] += 1
+            self._tokens[:run, None], self._mask[:run, : width + 1], self._positions[:run, None], run, width
+        )[:count, -1]
+        self._lengths[:run] += 1
         self._width = width + 1
         slot_of = {id(row): slot for slot, row in enumerate(self._rows)}
         done, ended = [], []
         for member in list(self._members.values()):
             generator = member.generator
             slots = [slot_of[id(row)] for row in member.rows]
-            chosen = np.zeros((generator.rows, self._vocab), dtype=np.float32)
-            chosen[[row.index for row in member.rows]] = logits[slots]
+            if len(slots) == generator.rows:  # every row still runs (rows are in order: they joined in order)
+                chosen = logits[slots]
+            else:  # a row that ended gets nothing to choose from (the generator pads it)
+                chosen = np.zeros((generator.rows, self._vocab), dtype=np.float32)
+                chosen[[row.index for row in member.rows]] = logits[slots]
             generator.advance(chosen)
             tokens, reasons = generator.get_next_tokens(), generator.finish_reasons()
             for slot, row in zip(slots, member.rows, strict=True):
@@ -156,11 +181,14 @@ class DecodeBatch:
             if generator.is_done():
                 del self._members[id(generator)]
                 done.append(generator)
+        self._tokens[count:run], self._positions[count:run] = self._tokens[0], self._positions[0]
         self._free(ended)
         return done
 
     def _free(self, slots: list[int]) -> None:
         """Free these rows: the last rows move into the holes, so that the running rows stay the first ones."""
+        if slots:
+            self._shadows = 0
         for slot in sorted(slots, reverse=True):
             last = len(self._rows) - 1
             if slot != last:
@@ -302,6 +330,8 @@ class _Growing(_Store):
 
     def move(self, source: int, target: int, width: int) -> None:
         arrays = self._arrays()
+        if target >= len(arrays[0]):  # a row past the current ones (a copy standing in for min_rows)
+            arrays = [np.concatenate([array, np.zeros_like(array[: target + 1 - len(array)])]) for array in arrays]
         for array in arrays:
             array[target] = array[source]
         self._wrap(arrays)

@@ -165,6 +165,11 @@ class Manifest:
         return dict(self.data.get("generation_defaults") or {})
 
     @property
+    def quantized(self) -> bool:
+        """Whether the graph's weights are quantised (graph.quantization)."""
+        return bool(self.data["graph"].get("quantization"))
+
+    @property
     def name(self) -> str:
         return str(self.data["source"].get("model") or self.folder.name)
 

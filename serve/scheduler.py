@@ -87,7 +87,10 @@ class Scheduler:
         self.model = model
         self.max_batch = max_batch
         self.queue_size = queue_size
-        self.batch = DecodeBatch(model.session, max_batch)
+        # An int8 graph computes a lone row on another code path (runtime/batching.py): a lone request runs beside a
+        # copy of itself, so that its answer is the same whatever else is in the batch.
+        lone_copy = model.manifest.quantized and max_batch >= 2
+        self.batch = DecodeBatch(model.session, max_batch, min_rows=2 if lone_copy else 1)
         self.metrics = Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: dict[int, Job] = {}
@@ -180,8 +183,10 @@ class Scheduler:
                 self._end(self._running[id(generator)], "completed")
 
     def _admit(self) -> None:
-        """Start the waiting requests that fit: prefill, first token, then join the batch."""
-        while True:
+        """Start the waiting requests that fit: prefill, first token, then join the batch. While rows are decoding,
+        one request per step: each prefill delays the running rows' next token (it runs between two steps)."""
+        limit = 1 if self.batch.rows else self.max_batch
+        for _ in range(limit):
             with self._lock:
                 if not self._waiting or self._waiting[0].rows > self.batch.free:
                     return

@@ -62,10 +62,10 @@ class ChoiceTracker:
             if not self.running[index]:
                 continue
             text, offset = self.texts[index].push(token, last=reason is not None)
-            name = tokenizer.token_strings([token])[0]
-            piece = TokenPiece(text, offset, name)
-            if logprobs is not None:
-                piece.logprob, piece.top = _logprobs(tokenizer, logprobs, index, name)
+            piece = TokenPiece(text, offset, "")
+            if logprobs is not None:  # the token's own text is shown with its log-probabilities only
+                piece.token = tokenizer.token_strings([token])[0]
+                piece.logprob, piece.top = _logprobs(tokenizer, logprobs, index, piece.token)
             updates.append(ChoiceUpdate(index, piece, reason))
             self.running[index] = reason is None
         return updates
