@@ -52,6 +52,12 @@ def _cell(summary: dict[str, float], baseline: dict[str, float], metric: Metric)
     return text
 
 
+SERVING = (
+    "Serving under load (gpt2-serve with continuous batching, the thread-per-request server it replaced, llama.cpp's "
+    "llama-server): [serve_results.md](serve_results.md), written by `python benchmarks/serve_load.py`."
+)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results page: what was measured and how, the table, and what could not be measured and why."""
     meta, systems = results["meta"], results["systems"]
@@ -109,4 +115,5 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if notes:
         text += ["", "Notes:", "", *(f"{index}. {note}" for index, note in enumerate(notes, 1))]
+    text += ["", SERVING]
     return "\n".join(text) + "\n"

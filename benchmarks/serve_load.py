@@ -4,7 +4,9 @@ server of an earlier commit and with model.generate on a batch, in one run. Loop
     python benchmarks/serve_load.py [BUNDLE] [--clients 1 4 16 32] [--requests 3] [--max-tokens 64]
                                     [--baseline REV] [--out benchmarks/serve_results.md]
 
-BUNDLE defaults to a GPT-2-small int8 bundle of random weights, exported on first use into benchmarks/work/. Each
+BUNDLE defaults to a GPT-2-small int8 bundle of random weights, exported on first use into benchmarks/work/.
+--llama-server BIN --gguf FILE adds llama.cpp's server with one parallel slot per client (continuous batching of
+its own) on a GGUF of the same weights. Each
 client sends --requests streaming completions one after another (temperature 0, --max-tokens tokens each, a
 9-token prompt). Per system and client count: aggregate generated tokens/s (all clients' tokens / wall time),
 time to first token and inter-token latency (between a stream's consecutive chunks) at p50 and p99. --baseline: a
@@ -45,6 +47,7 @@ class Load:
     seconds: float = 0.0
     first_token_s: list[float] = field(default_factory=list)
     inter_token_s: list[float] = field(default_factory=list)
+    errors: int = 0  # connections the server dropped without an answer (the request is sent again)
 
     def row(self) -> dict[str, float | int]:
         return {
@@ -54,6 +57,7 @@ class Load:
             "ttft_p99_ms": 1000 * percentile(self.first_token_s, 0.99),
             "itl_p50_ms": 1000 * percentile(self.inter_token_s, 0.5),
             "itl_p99_ms": 1000 * percentile(self.inter_token_s, 0.99),
+            "dropped": self.errors,
         }
 
 
@@ -71,15 +75,18 @@ def free_port() -> int:
 def start_server(command: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     with log.open("w") as output:
-        process = subprocess.Popen([*command, "--port", str(port)], stdout=output, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [*command, "--port", str(port)], stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
         try:
-            httpx.get(f"{url}/health", timeout=1)
-            return process, url
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:  # llama-server answers 503 while loading
+                return process, url
+            time.sleep(0.2)
         except httpx.TransportError:
             if time.monotonic() > deadline:
                 process.kill()
@@ -90,20 +97,31 @@ def start_server(command: list[str], env: dict[str, str], log: Path) -> tuple[su
 async def client(url: str, requests: int, max_tokens: int, load: Load) -> None:
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     async with httpx.AsyncClient(timeout=600) as http:
-        for _ in range(requests):
+        done = 0
+        while done < requests:
             last = time.perf_counter()
-            tokens, finish = 0, None
-            async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    choice = json.loads(line[6:])["choices"][0]
-                    now = time.perf_counter()
-                    if choice["text"]:
-                        (load.first_token_s if tokens == 0 else load.inter_token_s).append(now - last)
-                        tokens, last = tokens + 1, now
-                    finish = choice["finish_reason"] or finish
+            tokens, finish, gaps = 0, None, []
+            try:
+                async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        choice = json.loads(line[6:])["choices"][0]
+                        now = time.perf_counter()
+                        if choice["text"]:
+                            gaps.append(now - last)
+                            tokens, last = tokens + 1, now
+                        finish = choice["finish_reason"] or finish
+            except httpx.TransportError:  # a dropped connection: counted, and the request sent again
+                load.errors += 1
+                if load.errors > 10 * requests:
+                    raise
+                continue
+            done += 1
+            if gaps:
+                load.first_token_s.append(gaps[0])
+                load.inter_token_s.extend(gaps[1:])
             # A token whose text is still incomplete (part of a character) sends no chunk: count by the limit.
             load.tokens += max_tokens if finish == "length" else tokens
 
@@ -165,6 +183,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="gpt2-serve --threads (default: its own, the physical cores)")
     parser.add_argument("--baseline", default=BASELINE, help=f"earlier revision to compare with (default {BASELINE})")
     parser.add_argument("--work", type=Path, default=BENCHMARKS / "work")
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        help="a llama.cpp llama-server binary, to run beside (with --gguf) with parallel slots",
+    )
+    parser.add_argument("--gguf", type=Path, help="the GGUF of the same weights for --llama-server (e.g. q8_0)")
     parser.add_argument("--out", type=Path, default=BENCHMARKS / "serve_results.md")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -192,6 +216,19 @@ def main() -> None:
                     *("--workers", "1", "--queue-size", queue, "--log-level", "warning"),
                 ],
                 {**env, "PYTHONPATH": str(path)},
+            )
+        )
+    if args.llama_server and args.gguf:
+        slots = max(args.clients)
+        systems.append(
+            (
+                f"llama.cpp llama-server ({args.gguf.name}, {slots} parallel slots)",
+                [
+                    *(str(args.llama_server), "-m", str(args.gguf), "--host", "127.0.0.1", "-np", str(slots)),
+                    *("-c", str(1024 * slots), "-t", str(os.cpu_count() or 2), "--threads-http", str(3 * slots)),
+                    "--log-disable",
+                ],
+                env,
             )
         )
     results: dict[str, list[dict]] = {}
@@ -223,10 +260,10 @@ def report(results: dict[str, list[dict]], batch: float, args: argparse.Namespac
         f"{args.requests} streaming requests per client one after another, {args.max_tokens} tokens each "
         f"(temperature 0, a {len(PROMPT)}-token prompt), over loopback. Tokens/s is every client's tokens over the "
         "wall time; time to first token (TTFT) counts from the request; inter-token latency (ITL) is the gap between "
-        "a stream's chunks.",
+        "a stream's chunks. Dropped: connections closed without an answer (the client sends the request again).",
         "",
-        "| server | clients | tokens/s | vs one client | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |",
-        "|---|---|---|---|---|---|",
+        "| server | clients | tokens/s | vs one client | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | dropped |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         one = rows[0]["tokens_per_s"]
@@ -234,7 +271,7 @@ def report(results: dict[str, list[dict]], batch: float, args: argparse.Namespac
             lines.append(
                 f"| {name} | {row['clients']} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / one:.2f}x "
                 f"| {row['ttft_p50_ms']:.0f} / {row['ttft_p99_ms']:.0f} | {row['itl_p50_ms']:.1f} / "
-                f"{row['itl_p99_ms']:.1f} |"
+                f"{row['itl_p99_ms']:.1f} | {row['dropped']} |"
             )
     lines += ["", f"model.generate on a batch of {args.batch} rows, same run: {batch:.0f} tokens/s.", ""]
     return "\n".join(lines)

@@ -30,12 +30,14 @@ from .cache import KVCache
 from .errors import InvalidInputError, counted
 from .options import GenerationOptions
 from .processors import LogitsProcessor, LogitsProcessorChain, build_logits_processors, log_softmax
-from .prompts import encode_prompts, id_rows
+from .prompts import EncodedPrompts, check_ids, encode_prompts, id_rows, is_text
 from .search import Continuation, Sampler, SamplerChain, StepLogprobs, greedy_choice, is_eos, step_logprobs
 from .session import DecoderSession
 from .stop_strings import StopStringCriterion
 from .stopping import Criterion, UserCriteria, UserCriterion, combined
 from .tokenizer import Tokenizer
+
+NO_TOKENIZER = "this model has no tokenizer: append token ids"
 
 
 class Generator:
@@ -389,23 +391,17 @@ class Generator:
     def _stop_criterion(self, start: int) -> Criterion | None:
         return StopStringCriterion(self._tokenizer, self.options.stop, start) if self.options.stop else None
 
-    def _encode(self, tokens: Any):
-        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
-            return encode_prompts(self._tokenizer, tokens, None, self._vocab, self._bos, self._no_tokenizer())
-        return encode_prompts(self._tokenizer, None, tokens, self._vocab, self._bos)
-
-    def _no_tokenizer(self) -> str:
-        return "this model has no tokenizer: append token ids"
+    def _encode(self, tokens: Any) -> EncodedPrompts:
+        """The prompts of the first append (an empty one starts from the BOS token)."""
+        text, ids = (tokens, None) if is_text(tokens) else (None, tokens)
+        return encode_prompts(self._tokenizer, text, ids, self._vocab, self._bos, NO_TOKENIZER)
 
     def _rows_of(self, tokens: Any) -> list[list[int]]:
-        """A later append's rows: text (or texts) encoded, ids checked; no BOS for an empty one."""
-        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+        """A later append's rows: text (or texts) encoded, ids checked; an empty row stays empty."""
+        if is_text(tokens):
             return self._encode(tokens).rows
         rows = id_rows(tokens)
-        for row in rows:
-            for token in row:
-                if not 0 <= token < self._vocab:
-                    raise InvalidInputError(f"token id {token} is outside the vocabulary (0..{self._vocab - 1})")
+        check_ids(rows, self._vocab)
         return rows
 
     def _write_rows(self, rows: list[list[int]], length: int) -> None:

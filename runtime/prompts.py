@@ -46,15 +46,26 @@ def encode_prompts(
     else:
         rows = id_rows(input_ids)
         prompts = [None] * len(rows)
-    for row in rows:
-        for token in row:
-            if not 0 <= token < vocab_size:
-                raise InvalidInputError(f"token id {token} is outside the vocabulary (0..{vocab_size - 1})")
+    check_ids(rows, vocab_size)
     if any(not row for row in rows):
         if bos_token_id is None:
             raise InvalidInputError("empty prompt, and this model has no BOS token to start from")
         rows = [row or [bos_token_id] for row in rows]
     return EncodedPrompts(prompts, rows)
+
+
+def is_text(prompt: object) -> bool:
+    """Whether a prompt is text (a string or a list of strings) rather than token ids."""
+    return isinstance(prompt, str) or (
+        isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], str)
+    )
+
+
+def check_ids(rows: list[list[int]], vocab_size: int) -> None:
+    for row in rows:
+        for token in row:
+            if not 0 <= token < vocab_size:
+                raise InvalidInputError(f"token id {token} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 def check_text(text: object) -> None:
