@@ -255,7 +255,8 @@ class Generator:
             self._end_rows(ended, stopped=True)
         if width - self._turn_start >= self.options.max_new_tokens or width >= self._context:
             self._end_rows(~self._finished, stopped=False)  # the length limit (or the context's end)
-        self._chain.accept(tokens)
+        if self._chain.accepting:
+            self._chain.accept(tokens)
 
     def _end_rows(self, rows: np.ndarray, stopped: bool) -> None:
         """Rows (bool [rows]) end here: from the next column on they are fed the pad token (attended, as transformers
@@ -280,12 +281,11 @@ class Generator:
         if done:
             self._done = True
             return
-        order = rows.follow(parents)  # in place, copying only the rows given to new children
-        self._cache = self._cache.reorder(order)
-        moved = np.flatnonzero(order != np.arange(len(order)))
-        self._ids[moved, : self._width] = self._ids[order[moved], : self._width]
+        self._cache = self._cache.reorder(rows.follow(parents))  # in place, copying only the rows given to children
         self._ensure_room(self._width + 1)
-        self._ids[rows.of_beam, self._width] = tokens  # a prompt's beams share their mask and positions
+        # The beams' sequences live in the BeamSearch; the rows here only feed each cache row its beam's new token
+        # (a prompt's beams share their mask and positions).
+        self._ids[rows.of_beam, self._width] = tokens
         self._width += 1
 
     # --- stepped inside a DecodeBatch (continuous batching: runtime/batching.py) --------------------------------------
@@ -451,7 +451,8 @@ class Generator:
 
     def _current_logits(self) -> np.ndarray:
         """The last position's logits of every row (beam order for beams), running the pending tokens first."""
-        self._need_tokens()
+        if self._rows == 0:
+            self._need_tokens()
         if self._cached < self._width:
             if self._in_batch:
                 raise InvalidInputError("this generator is stepped by a DecodeBatch: the batch runs its model steps")

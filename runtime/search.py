@@ -86,16 +86,18 @@ class SamplerChain:
     def __init__(self, processors: LogitsProcessorChain, choose: TokenChooser) -> None:
         self.processors = processors
         self.choose = choose
-        self._accepting = tuple(link for link in (*processors, choose) if hasattr(link, "accept"))
+        self.accepting = tuple(link for link in (*processors, choose) if hasattr(link, "accept"))
+        self._processing = bool(processors)
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [rows] chosen from scores [rows, vocab] after the processors, and the processed scores."""
-        if self.processors:
+        if self._processing:
             scores = self.processors(input_ids, scores)
         return self.choose(scores), scores
 
     def accept(self, tokens: np.ndarray) -> None:
-        for link in self._accepting:
+        """Tell the stateful links (`accepting`) the tokens chosen at this step."""
+        for link in self.accepting:
             link.accept(tokens)
 
 
