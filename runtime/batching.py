@@ -222,7 +222,7 @@ class DecodeBatch:
             mask = np.zeros((self.max_rows, grown), dtype=np.int64)
             mask[:, : self._mask.shape[1]] = self._mask
             self._mask = mask
-            self._store.reserve(grown)
+            self._store.reserve(grown, len(self._rows) + self._shadows)
 
 
 class _Store:
@@ -244,7 +244,8 @@ class _Store:
     def compact(self, valid: np.ndarray, width: int) -> None:
         raise NotImplementedError
 
-    def reserve(self, columns: int) -> None:
+    def reserve(self, columns: int, rows: int) -> None:
+        """Room for `columns` columns; the first `rows` rows hold data to keep."""
         raise NotImplementedError
 
 
@@ -256,10 +257,16 @@ class _Preallocated(_Store):
         self.cache = session.empty_cache(max_rows, capacity=16)
         self.view: PreallocatedCache | None = None
 
-    def reserve(self, columns: int) -> None:
+    def reserve(self, columns: int, rows: int) -> None:
+        """Larger buffers with the rows in use copied in (the others' memory is not even touched: np.zeros)."""
         if columns > self.cache.capacity:
-            self.cache.length = self.cache.capacity  # every column is copied into the larger buffers
-            self.cache.ensure_capacity(columns, columns)
+            old = self.cache.capacity
+            grown = [
+                np.zeros((*buffer.shape[:2], columns, buffer.shape[3]), buffer.dtype) for buffer in self.cache.tensors
+            ]
+            for target, source in zip(grown, self.cache.tensors, strict=True):
+                target[:rows, :, :old] = source[:rows]
+            self.cache = PreallocatedCache(grown[0::2], grown[1::2])
             self.view = None
 
     def place(self, slots: np.ndarray, cache: KVCache, rows: np.ndarray, offset: int, length: int) -> None:
@@ -306,7 +313,7 @@ class _Growing(_Store):
         else:
             self.cache = HostCache(keys, values)
 
-    def reserve(self, columns: int) -> None:
+    def reserve(self, columns: int, rows: int) -> None:
         return  # arrays grow with every step
 
     def place(self, slots: np.ndarray, cache: KVCache, rows: np.ndarray, offset: int, length: int) -> None:

@@ -24,6 +24,10 @@ from gpt2onnx.runtime.errors import InvalidInputError
 from . import DEFAULT_MAX_BATCH
 
 PROG = "gpt2-serve"
+# How long a thread may hold the GIL while another waits. Python's 5 ms default makes the scheduler's thread wait for
+# the event loop's after every step; 0.5 ms measured, in process, 16 clients: 699 -> 878 tokens/s, inter-token
+# latency p99 32.8 -> 21.3 ms; 1 client: 117 -> 151 tokens/s.
+SWITCH_INTERVAL_S = 0.0005
 
 
 def build_parser() -> ArgumentParser:
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {error}; install the serve extra: pip install 'gpt2-onnx[serve]'", file=sys.stderr)
             return EXIT_FAILURE
         listener = bind(args.host, args.port)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         template = ChatTemplate.from_file(args.chat_template) if args.chat_template else None  # checked before loading
         model = load_bundle(args, args.threads, PROG)
         if template is not None:

@@ -43,12 +43,15 @@ def _application(
     chat_template: str | None,
 ) -> Any:
     """gpt2-serve's application for one replica: built there, when Ray starts the replica."""
+    import sys
+
     import gpt2onnx
 
     from .app import create_app
     from .chat import ChatTemplate
-    from .command import special_token_texts
+    from .command import SWITCH_INTERVAL_S, special_token_texts
 
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # the replica's process is the server's: as gpt2-serve sets it
     loaded = gpt2onnx.load(model, provider=provider, threads=threads)
     template = ChatTemplate.from_file(chat_template, *special_token_texts(loaded)) if chat_template else None
     return create_app(loaded, max_batch=max_batch, queue_size=queue_size, model_id=model_name, chat_template=template)

@@ -299,7 +299,7 @@ VALID_SWITCHES = ["--do-sample", "--json", "--show-tokens"]
     prompt=st.sampled_from(["Artificial intelligence", "naïve café 🤖", "a"]),
 )
 def test_valid_command_lines_exit_0(tiny_gpt2: RandomGPT2, flags: dict, switches: list, prompt: str) -> None:
-    words = [prompt, *(word for pair in flags.items() for word in pair), *switches]
+    words = [prompt, *(f"{flag}={value}" for flag, value in flags.items()), *switches]  # = : a value may start with -
     code, stdout, stderr = run_generate([*words, "--max-new-tokens", "2", "--model", str(tiny_gpt2.bundle)])
     assert code == 0, stderr
     assert stdout
