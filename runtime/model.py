@@ -4,7 +4,7 @@ probabilities. Every decoding call here is a short driver of runtime/generator.p
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ from .options import GenerationOptions
 from .outputs import GeneratedSequence, GenerationOutput, PromptResult, ScoreResult, Timing
 from .processors import LogitsProcessor, softmax
 from .prompts import EncodedPrompts, IdsInput, PromptInput, encode_prompts
-from .scoring import token_logprobs
+from .scoring import PerplexityReport, perplexity, token_logprobs
 from .search import Continuation
 from .session import DecoderSession
 from .stop_strings import cut_at_stop
@@ -221,6 +221,45 @@ class GPT2Model:
         self.check_context(encoded.rows, 0)
         logprobs = token_logprobs(self.session, np.asarray(ids, dtype=np.int64))
         return ScoreResult(ids, logprobs.tolist(), float(np.exp(-logprobs.mean())))
+
+    def perplexity(
+        self,
+        text: str | None = None,
+        *,
+        input_ids: Sequence[int] | None = None,
+        stride: int | None = None,
+        compare: GPT2Model | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> PerplexityReport:
+        """The perplexity of a text (or ids) of any length, by transformers' sliding-window method: windows of the
+        context's length, `stride` tokens apart (default 512, or the context if it is shorter). compare: a reference
+        model (e.g. the fp32 bundle of a quantised one) whose distributions at the same positions are measured
+        against this model's (KL divergence, top-1 agreement, max |logits difference|). progress(done, total) is
+        told each window."""
+        stride = min(512, self.context_length) if stride is None else stride
+        if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= self.context_length:
+            raise InvalidInputError(
+                f"stride must be from 1 to the context's {self.context_length} tokens, got {stride!r}", option="stride"
+            )
+        encoded = self.encode(text, input_ids)
+        if len(encoded.rows) != 1:
+            raise InvalidInputError("perplexity() takes one text or one sequence of input_ids, not a batch")
+        ids = np.asarray(encoded.rows[0], dtype=np.int64)
+        if len(ids) < 2:
+            raise InvalidInputError("perplexity() needs at least 2 tokens: the first one has nothing before it")
+        reference = None
+        if compare is not None:
+            if compare.manifest.architecture.vocab_size != self.manifest.architecture.vocab_size:
+                raise InvalidInputError(
+                    f"the compared models' vocabularies differ ({self.manifest.architecture.vocab_size} and "
+                    f"{compare.manifest.architecture.vocab_size} tokens)"
+                )
+            if compare.context_length != self.context_length:
+                raise InvalidInputError(
+                    f"the compared models' contexts differ ({self.context_length} and {compare.context_length} tokens)"
+                )
+            reference = compare.session
+        return perplexity(self.session, ids, stride, reference, progress)
 
     def _sequence(
         self, prompt_ids: list[int], continuation: Continuation, config: GenerationOptions
