@@ -55,6 +55,13 @@ def build_parser() -> ArgumentParser:
         "(about 1.6x faster first token after a long prompt; +85 MB for GPT-2 small, on disk and in memory)",
     )
     parser.add_argument(
+        "--no-outlier-channels",
+        dest="isolate_outliers",
+        action="store_false",
+        help="with --quantize: quantise the outlier input channels with the rest instead of multiplying them in "
+        "float32 (for measuring what isolating them gains; see benchmarks/README.md)",
+    )
+    parser.add_argument(
         "--kv-cache",
         choices=("auto", *KV_CACHES),
         default="auto",
@@ -69,6 +76,12 @@ def build_parser() -> ArgumentParser:
         "is gibberish), with the GPT-2 tokenizer that ships with gpt2onnx",
     )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for --random-init and validation inputs")
+    parser.add_argument(
+        "--outliers",
+        action="store_true",
+        help="with --random-init: write trained GPT-2's massive activations, outlier channels and peaked logits into "
+        "the random weights (a stress checkpoint for quantisation; export/outliers.py)",
+    )
     parser.add_argument(
         "--tokenizer",
         help="folder, tokenizer.json or hub id whose tokenizer goes into the bundle (default: the checkpoint's own; "
@@ -99,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size,
             random_init=args.random_init,
             seed=args.seed,
+            outliers=args.outliers,
+            isolate_outliers=args.isolate_outliers,
             tokenizer=args.tokenizer,
             revision=args.revision,
             force=args.force,

@@ -187,8 +187,9 @@ def _load_pretrained(model_id: str, revision: str | None) -> Checkpoint:
     )
 
 
-def random_checkpoint(shape: str, seed: int = 0) -> Checkpoint:
-    """A GPT-2 of a named shape with seeded random weights (transformers' own initialisation)."""
+def random_checkpoint(shape: str, seed: int = 0, outliers: bool = False) -> Checkpoint:
+    """A GPT-2 of a named shape with seeded random weights (transformers' own initialisation); outliers: with trained
+    GPT-2's massive activations, outlier channels and peaked logits written in (export/outliers.py)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -197,7 +198,13 @@ def random_checkpoint(shape: str, seed: int = 0) -> Checkpoint:
     config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=CONTEXT, **RANDOM_SHAPES[shape])
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).eval()
-    source = {"model": f"random-init:{shape}", "revision": None, "random_init": {"shape": shape, "seed": seed}}
+    random_init: dict[str, Any] = {"shape": shape, "seed": seed}
+    if outliers:
+        from .outliers import add_outliers
+
+        random_init["outliers"] = add_outliers(model)
+    name = f"random-init:{shape}" + ("+outliers" if outliers else "")
+    source = {"model": name, "revision": None, "random_init": random_init}
     specials = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": None}
     return Checkpoint(model, spec_from_config(config), source, specials)
 

@@ -15,6 +15,7 @@ from typing import Any
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError, InvalidInputError
 
+from .calibrate import OUTLIER_RATIO, outlier_channels, sample_ids
 from .checkpoint import VOCAB_SIZE, Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
 from .graph import CONTRIB, OPSET, QUANT_BLOCK, QUANT_BLOCKS, build_graph
 from .sources import (
@@ -73,11 +74,11 @@ def _require_export_dependencies() -> None:
         )
 
 
-def default_output(model: str | None, random_init: str | None) -> Path:
+def default_output(model: str | None, random_init: str | None, outliers: bool = False) -> Path:
     """models/<name>: models/gpt2 for --model gpt2 (or a folder named gpt2), models/random-small for --random-init
-    small."""
+    small (models/random-small-outliers with outliers)."""
     name = f"random-{random_init}" if random_init else Path((model or DEFAULT_MODEL).rstrip("/")).name
-    return Path("models") / name
+    return Path("models") / (name + ("-outliers" if outliers else ""))
 
 
 def check_output(output: Path, force: bool) -> None:
@@ -168,7 +169,7 @@ def _nodes(graph: Any) -> Iterator[Any]:
                 yield from _nodes(attribute.g)
 
 
-def _quantization_record(model_proto: Any, block_size: int) -> dict[str, Any]:
+def _quantization_record(model_proto: Any, block_size: int, outliers: dict[str, list[int]]) -> dict[str, Any]:
     """What bundle.json says about int8 weights."""
     ops = [node.op_type for node in _nodes(model_proto.graph)]
     record = {
@@ -179,6 +180,12 @@ def _quantization_record(model_proto: Any, block_size: int) -> dict[str, Any]:
         "op": "com.microsoft.MatMulNBits",
         "projections": ops.count("MatMulNBits"),
         "covers": "every attention and MLP projection, the lm_head (vocabulary projection) and the token embedding",
+        "outlier_channels": {
+            "rule": f"input channels whose largest |input| on the sample text is over {OUTLIER_RATIO:g}x the median "
+            "channel's are multiplied in float32 beside the int8 product (LLM.int8()'s decomposition)",
+            "projections": len(outliers),
+            "channels": sum(map(len, outliers.values())),
+        },
     }
     if "DynamicQuantizeMatMul" in ops:
         record["prompt_steps"] = {
@@ -278,6 +285,8 @@ def export_bundle(
     block_size: int | None = None,
     random_init: str | None = None,
     seed: int = 0,
+    outliers: bool = False,
+    isolate_outliers: bool = True,
     tokenizer: str | None = None,
     revision: str | None = None,
     force: bool = False,
@@ -298,8 +307,11 @@ def export_bundle(
     (MatMulNBits, int8 activations at run time; fp32 only), one scale per block_size inputs (32 to 256, default
     128; larger decodes faster, smaller stays closer to fp32). fast_prefill (with int8): the blocks a second time as
     int8 matrices for onnxruntime's int8 GEMM, used for steps of several tokens (prompts): faster prompts for more
-    memory. The bundle is assembled in a hidden sibling folder and renamed into place after validation, so a failed or
-    interrupted export leaves no bundle (and no half-written one) at `output`.
+    memory. Quantised projections multiply their outlier input channels (export/calibrate.py, found on the sample
+    text) in float32 beside the int8 product unless isolate_outliers is False. outliers (with random_init): write
+    trained GPT-2's outliers into the random weights (export/outliers.py). Validation warns when quantised weights
+    fall below validate.FLOORS on the sample text. The bundle is assembled in a hidden sibling folder and renamed into
+    place after validation, so a failed or interrupted export leaves no bundle (and no half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
     check_graph_options(dtype, optimize, quantize, fast_prefill, kv_cache, block_size)
@@ -307,8 +319,12 @@ def export_bundle(
     block_size = block_size or QUANT_BLOCK
     if model is not None and random_init is not None:
         raise InvalidInputError("give --model or --random-init, not both: --random-init builds its own weights")
+    if outliers and random_init is None:
+        raise InvalidInputError("--outliers writes outliers into --random-init's weights; add --random-init SHAPE")
+    if not isolate_outliers and quantize is None:
+        raise InvalidInputError("--no-outlier-channels applies to quantised weights; add --quantize int8")
     model = model or (None if random_init else DEFAULT_MODEL)
-    output = Path(output) if output is not None else default_output(model, random_init)
+    output = Path(output) if output is not None else default_output(model, random_init, outliers)
     check_output(output, force)
     # Every input is checked before the slow work (importing torch, loading, building): a bad one fails at once.
     vocab_size = VOCAB_SIZE if random_init else None
@@ -324,9 +340,10 @@ def export_bundle(
     graph_dtype = DTYPES[dtype]
     staging = _make_staging(output)
     try:
-        with progress.step(f"loading {'random ' + random_init + ' GPT-2' if random_init else model}"):
+        what = f"random {random_init} GPT-2" + (" with outliers" if outliers else "") if random_init else model
+        with progress.step(f"loading {what}"):
             checkpoint: Checkpoint = (
-                random_checkpoint(random_init, seed)
+                random_checkpoint(random_init, seed, outliers)
                 if random_init
                 else load_pretrained(model, revision, show_downloads=progress.enabled)
             )
@@ -342,6 +359,11 @@ def export_bundle(
             f", {quantize} weights in blocks of {block_size}" if quantize else ""
         )
         kind += (", fast prefill" if fast_prefill else "") + f", {kv_cache} cache"
+        text_ids = sample_ids(staging / bundle.TOKENIZER_FILE if tokenizer_name else None, spec.vocab_size, seed)
+        float_channels: dict[str, list[int]] = {}
+        if quantize and isolate_outliers:
+            with progress.step("finding outlier channels on the sample text"):
+                float_channels = outlier_channels(checkpoint.model, text_ids)
         with progress.step(f"building the ONNX graph ({spec.n_layer} layers, {graph_dtype}, {kind})"):
             weights = checkpoint.weights()
             model_proto = build_graph(
@@ -353,9 +375,10 @@ def export_bundle(
                 fast_prefill=fast_prefill,
                 kv_cache=kv_cache,
                 block_size=block_size,
+                outliers=float_channels,
             )
             optimizations = _contrib_ops(model_proto)
-            quantization = _quantization_record(model_proto, block_size) if quantize else None
+            quantization = _quantization_record(model_proto, block_size, float_channels) if quantize else None
             external = _save_graph(model_proto, staging)
             del weights, model_proto
         architecture = {
@@ -390,11 +413,20 @@ def export_bundle(
         bundle.write_manifest(staging, data)
         with progress.step("validating against PyTorch"):
             manifest = bundle.read_manifest(staging, verify_hashes=False)
-            report = validate_bundle(checkpoint.model, manifest, quantize or graph_dtype, seed=seed)
+            report = validate_bundle(checkpoint.model, manifest, quantize or graph_dtype, text_ids, seed=seed)
         if not report.passed:
             raise ExportError(
                 f"validation failed: max |logits diff| {report.max_abs_diff:.3g} "
                 f"(relative {report.relative_diff:.3g}) is over the tolerance {report.tolerance:g}"
+            )
+        missed = report.below_floors()
+        if missed:
+            warnings.warn(
+                f"{quantize} weights fall below the quality floors on the sample text: {', '.join(missed)}; a smaller "
+                f"--block-size keeps more precision (benchmarks/README.md, 'Quantisation quality', has each variant's "
+                "figures)",
+                UserWarning,
+                stacklevel=2,
             )
         data["validation"] = report.to_dict()
         bundle.write_manifest(staging, data)

@@ -75,12 +75,19 @@ class GPT2Spec:
 class _Builder:
     """Accumulates nodes and initializers with unique names."""
 
-    def __init__(self, dtype: str, int8: bool = False, block_size: int = QUANT_BLOCK) -> None:
+    def __init__(
+        self,
+        dtype: str,
+        int8: bool = False,
+        block_size: int = QUANT_BLOCK,
+        outliers: dict[str, list[int]] | None = None,
+    ) -> None:
         from onnx import TensorProto, helper, numpy_helper
 
         self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
         self.int8 = int8
         self.block_size = block_size
+        self.outliers = outliers or {}  # weight name -> input channels multiplied in float (export/calibrate.py)
         self.int8_columns = False  # int8 projections as DynamicQuantizeMatMul (inside the prefill branch)
         self.np_dtype = NUMPY_DTYPES[dtype]
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
@@ -141,13 +148,27 @@ class _Builder:
 
     def project(self, x: str, name: str, weight: np.ndarray, bias: str | None = None) -> str:
         """x @ weight (+ bias) (weight [in, out]): MatMul (then Add), or MatMulNBits over int8 blocks with the bias
-        inside it when building an int8 graph."""
+        inside it when building an int8 graph. An int8 projection with outlier input channels multiplies those in
+        float, beside the int8 product of the others (LLM.int8()'s decomposition): they no longer set the scale of
+        the activations around them."""
         if not self.int8:
             product = self.op("MatMul", x, self.weight(name, weight.astype(self.np_dtype)))
             return product if bias is None else self.op("Add", product, bias)
+        channels = self.outliers.get(name)
+        if channels:
+            keep = np.ones(weight.shape[0], np.float32)
+            keep[channels] = 0.0
+            outlier_part = self.op(
+                "MatMul",
+                self.op("Gather", x, self.weight(name + ".outlier_channels", np.array(channels, np.int64)), axis=2),
+                self.weight(name + ".outlier_rows", weight[channels].astype(np.float32)),
+            )
+            x, weight = self.op("Mul", x, self.weight(name + ".keep", keep)), weight * keep[:, None]
         if self.int8_columns:
-            return self.project_columns(x, name, weight, bias)
-        return self.project_blocks(x, *self.quantized(name, weight.T), *weight.shape, bias=bias)
+            product = self.project_columns(x, name, weight, bias)
+        else:
+            product = self.project_blocks(x, *self.quantized(name, weight.T), *weight.shape, bias=bias)
+        return self.op("Add", product, outlier_part) if channels else product
 
     def project_columns(self, x: str, name: str, weight: np.ndarray, bias: str | None) -> str:
         """DynamicQuantizeMatMul over weight [in, out] as int8 with one scale per output column (max|w| / 127)."""
@@ -447,6 +468,7 @@ def build_graph(
     fast_prefill: bool = False,
     kv_cache: str = "growing",
     block_size: int = QUANT_BLOCK,
+    outliers: dict[str, list[int]] | None = None,
 ):
     """Return the onnx.ModelProto of a GPT-2 with the given transformers-style state dict (numpy arrays).
 
@@ -456,11 +478,12 @@ def build_graph(
     int8: int8 weights (MatMulNBits) for every projection and the embedding, one scale per block_size inputs;
     needs fused and float32.
     fast_prefill: with int8, the blocks a second time over DynamicQuantizeMatMul for steps of several tokens.
+    outliers: with int8, weight name -> input channels that the projection multiplies in float (export/calibrate.py).
     The exporter checks these combinations (exporter.check_graph_options) and the activation (checkpoint loading).
     """
     from onnx import TensorProto, helper
 
-    b = _Builder(dtype, int8=int8, block_size=block_size)
+    b = _Builder(dtype, int8=int8, block_size=block_size, outliers=outliers)
     H, D = spec.n_head, spec.head_dim
 
     def w(name: str) -> str:

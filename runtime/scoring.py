@@ -67,6 +67,34 @@ def sliding_windows(length: int, context: int, stride: int) -> list[Window]:
 
 
 @dataclass
+class Agreement:
+    """How far a model's next-token distributions are from a reference's at the same positions, summed chunk by
+    chunk: the mean KL divergence KL(reference || model) per position, the share of positions whose most likely
+    token is the same (top-1 agreement) and the largest |logits difference|."""
+
+    kl_sum: float = 0.0
+    agreeing: int = 0
+    positions: int = 0
+    max_logits_diff: float = 0.0
+
+    def add(self, logprobs: np.ndarray, logits: np.ndarray, reference_logits: np.ndarray) -> None:
+        """One chunk: the model's float64 log-probabilities and logits, and the reference's logits [n, vocab]."""
+        reference_logprobs = log_softmax(reference_logits.astype(np.float64))
+        self.kl_sum += float((np.exp(reference_logprobs) * (reference_logprobs - logprobs)).sum())
+        self.agreeing += int((logits.argmax(axis=1) == reference_logits.argmax(axis=1)).sum())
+        self.positions += len(logits)
+        self.max_logits_diff = max(self.max_logits_diff, float(np.abs(logits - reference_logits).max()))
+
+    @property
+    def kl_divergence(self) -> float:
+        return self.kl_sum / self.positions
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.agreeing / self.positions
+
+
+@dataclass
 class PerplexityReport:
     """gpt2-perplexity's result. With a reference model (compare): the mean KL divergence per scored token
     KL(reference || model), the share of scored positions where both models' most likely next token agree
@@ -98,7 +126,7 @@ def perplexity(
     context = session.architecture.n_positions
     windows = sliding_windows(len(ids), context, stride)
     nll_sum, counted = 0.0, 0
-    kl_sum, agree, scored, max_diff = 0.0, 0, 0, 0.0
+    agreement = Agreement()
     for index, window in enumerate(windows):
         window_ids = ids[window.begin : window.end]
         first = max(len(window_ids) - window.targets, 1) - 1  # the position predicting the first scored token
@@ -113,11 +141,7 @@ def perplexity(
             window_nll -= float(logprobs[np.arange(len(logits)), targets].sum())
             window_count += len(logits)
             if theirs is not None:
-                reference_logprobs = log_softmax(theirs[1].astype(np.float64))
-                kl_sum += float((np.exp(reference_logprobs) * (reference_logprobs - logprobs)).sum())
-                agree += int((logits.argmax(axis=1) == theirs[1].argmax(axis=1)).sum())
-                scored += len(logits)
-                max_diff = max(max_diff, float(np.abs(logits - theirs[1]).max()))
+                agreement.add(logprobs, logits, theirs[1])
         weight = window.targets - 1  # the guide's count: the window's labels, less one for the shift
         nll_sum += window_nll / window_count * weight
         counted += weight
@@ -125,5 +149,6 @@ def perplexity(
             progress(index + 1, len(windows))
     report = PerplexityReport(math.exp(nll_sum / counted), counted, len(windows), stride, context)
     if reference is not None:
-        report.kl_divergence, report.top1_agreement, report.max_logits_diff = kl_sum / scored, agree / scored, max_diff
+        report.kl_divergence, report.top1_agreement = agreement.kl_divergence, agreement.top1_agreement
+        report.max_logits_diff = agreement.max_logits_diff
     return report

@@ -95,8 +95,8 @@ def test_validation_failure_is_reported(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(validate, "TOLERANCE", {"float32": 0.0, "float16": 0.0})
     real = validate.validate_bundle
 
-    def strict(model, manifest, dtype, seed=0, tolerance=None):
-        report = real(model, manifest, dtype, seed, tolerance)
+    def strict(model, manifest, dtype, sample_ids, seed=0, tolerance=None):
+        report = real(model, manifest, dtype, sample_ids, seed, tolerance)
         report.max_abs_diff = 1.0  # as if the graph were wrong
         return report
 
