@@ -75,11 +75,14 @@ def markdown(results: dict[str, Any]) -> str:
             if not system["quiet_runs"]:
                 notes.append(f"{system['title']}: no quiet run; its numbers are medians over noisy runs")
                 cells[0] += f" (noisy, note {len(notes)})"
+            missing = [metric for metric in METRICS if metric.key not in system["summary"]]
+            if missing:
+                headers = ", ".join(metric.header for metric in missing)
+                notes.append(f"{system['title']}: {headers} not measured (a mode the system does not offer)")
             for metric in METRICS:
-                if metric.key in system["summary"]:
-                    cells.append(_cell(system["summary"], baseline, metric))
-                else:
-                    cells.append("–")
+                cells.append(
+                    _cell(system["summary"], baseline, metric) if metric not in missing else f"– (note {len(notes)})"
+                )
             cells.append(system["label"])
         lines.append("| " + " | ".join(cells) + " |")
     for system in systems:
@@ -96,7 +99,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{machine['memory_gib']:.0f} GiB, {machine['platform']}, Python {machine['python']}).",
         "",
         f"GPT-2 {shape['name']} shape ({shape['n_layer']} layers, {shape['n_head']} heads, n_embd {shape['n_embd']}, "
-        f"vocab 50257) with seeded random weights (seed {settings['seed']}), batch 1, "
+        f"vocab 50257) with seeded random weights (seed {settings['seed']}"
+        + (", with trained GPT-2's outliers: `export-gpt2 --outliers`" if settings.get("outliers") else "")
+        + "), batch 1, "
         f"a {len(settings['prompt'])}-token prompt. Decode ms/token = (time for {new} new tokens - time for 1) / "
         f"{new - 1}; beam-5 is beam search with 5 beams, sampling uses top_k 50. The long prompt has "
         f"{settings['long_prompt_tokens']} tokens. Load and first token are counted from the process spawn. "

@@ -59,6 +59,7 @@ class Settings:
     noise_share: float  # a run during which other processes took more of the CPUs than this is noisy ...
     retries: int  # ... and is run again, at most this many times per system and round
     worker_timeout_s: float
+    outliers: bool = False  # the stress checkpoint (export-gpt2 --outliers) instead of plain random weights
 
     @property
     def long_prompt(self) -> list[int]:
@@ -264,6 +265,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--setup-only", action="store_true", help="make the venvs and models ready, measure nothing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument(
+        "--outliers",
+        action="store_true",
+        help="every system loads the stress checkpoint (export-gpt2 --outliers: random weights with trained "
+        "GPT-2's outliers, which quantised graphs isolate) instead of plain random weights",
+    )
+    parser.add_argument(
         "--idle-wait",
         type=float,
         help="seconds to wait for other processes to quiet down before each run (default 30; smoke: 0)",
@@ -282,10 +289,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.smoke:
-        return Settings(SHAPES["tiny"], args.seed, args.rounds or 2, 8, 64, 2, args.idle_wait or 0.0, 1.0, 0, 300)
+        idle_wait = args.idle_wait or 0.0
+        return Settings(SHAPES["tiny"], args.seed, args.rounds or 2, 8, 64, 2, idle_wait, 1.0, 0, 300, args.outliers)
     rounds = args.rounds or (2 if args.quick else 5)
     idle_wait = 30.0 if args.idle_wait is None else args.idle_wait
-    return Settings(SHAPES["small"], args.seed, rounds, 50, 512, 8, idle_wait, args.noise_share, args.retries, 1800)
+    return Settings(
+        SHAPES["small"], args.seed, rounds, 50, 512, 8, idle_wait, args.noise_share, args.retries, 1800, args.outliers
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = args.systems or (list(SMOKE_SYSTEMS) if args.smoke else [system.key for system in SYSTEMS])
     chosen = [system for system in SYSTEMS if system.key in keys]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is local; never wait on the hub
-    workspace = Workspace(work, args.venvs, settings.shape, settings.seed, args.tokenizer, log)
+    workspace = Workspace(work, args.venvs, settings.shape, settings.seed, args.tokenizer, log, settings.outliers)
     threads = physical_cores()
 
     rows: dict[str, dict[str, Any]] = {}

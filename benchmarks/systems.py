@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,14 +50,23 @@ class VenvRecipe:
 
     name: str
     stages: tuple[tuple[str, ...], ...]
+    env: tuple[tuple[str, str], ...] = ()  # for pip: build settings of packages compiled from source
 
 
 OPTIMUM_VENV = VenvRecipe(
     "optimum",
-    (("torch==2.13.0",), ("optimum-onnx==0.1.0", "transformers<4.58", "onnxruntime", "accelerate")),
+    (("torch==2.13.0",), ("optimum-onnx==0.1.0", "transformers<4.58", "onnxruntime", "onnx-ir", "accelerate")),
 )
 CT2_VENV = VenvRecipe("ctranslate2", (("torch==2.13.0",), ("ctranslate2==4.8.5", "transformers")))
 GENAI_VENV = VenvRecipe("genai", (("onnxruntime-genai==0.18.0",),))
+LLAMA_CPP_VERSION = "0.3.36"
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # the native build's AMX code dies with SIGILL on these Xeons
+LLAMA_CPP_VENV = VenvRecipe(
+    "llamacpp",
+    ((f"llama-cpp-python=={LLAMA_CPP_VERSION}", "numpy"),),
+    (("CMAKE_ARGS", "-DGGML_NATIVE=ON"), ("CFLAGS", NO_AMX), ("CXXFLAGS", NO_AMX), ("CMAKE_BUILD_PARALLEL_LEVEL", "2")),
+)
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -72,16 +82,26 @@ class Ready:
 class Workspace:
     """Builds and caches what the systems need under work/ (models) and venvs/ (peer environments)."""
 
-    def __init__(self, work: Path, venvs: Path, shape: Shape, seed: int, tokenizer: Path, log: Callable[[str], None]):
+    def __init__(
+        self,
+        work: Path,
+        venvs: Path,
+        shape: Shape,
+        seed: int,
+        tokenizer: Path,
+        log: Callable[[str], None],
+        outliers: bool = False,
+    ):
         self.work = work
         self.venvs = venvs
         self.shape = shape
         self.seed = seed
         self.tokenizer = tokenizer
         self.log = log
+        self.outliers = outliers  # the stress checkpoint (export-gpt2 --outliers) instead of plain random weights
         self._results: dict[str, Path | Unavailable] = {}
 
-    def run(self, what: str, command: list[str]) -> None:
+    def run(self, what: str, command: list[str], env: dict[str, str] | None = None) -> None:
         """Run one setup command, its output kept in work/logs/; Unavailable naming the last error line on failure."""
         logs = self.work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -90,7 +110,13 @@ class Workspace:
             handle.write(" ".join(command) + "\n\n")
             handle.flush()
             try:
-                done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=SETUP_TIMEOUT_S)
+                done = subprocess.run(
+                    command,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    timeout=SETUP_TIMEOUT_S,
+                    env={**os.environ, **env} if env else None,
+                )
             except (OSError, subprocess.TimeoutExpired) as error:
                 raise Unavailable(f"{what} failed: {error}") from None
         if done.returncode != 0:
@@ -152,9 +178,9 @@ class Workspace:
             self.run(f"venv {recipe.name}", [sys.executable, "-m", "venv", str(path)])
             for stage in recipe.stages:
                 pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-                self.run(f"venv {recipe.name}: pip install {' '.join(stage)}", [*pip, *stage])
+                self.run(f"venv {recipe.name}: pip install {' '.join(stage)}", [*pip, *stage], dict(recipe.env))
 
-        stages = json.dumps(recipe.stages)
+        stages = json.dumps([recipe.stages, recipe.env])
         path = self.cached(self.venvs / recipe.name, stages, f"venv {recipe.name}", build, in_place=True)
         return str(path / "bin" / "python")
 
@@ -164,12 +190,13 @@ class Workspace:
         if not self.tokenizer.is_file():
             raise Unavailable(f"tokenizer file {self.tokenizer} not found (pass --tokenizer FILE)")
         arguments = ["--shape", shape.name, "--seed", str(self.seed), "--tokenizer", str(self.tokenizer)]
+        arguments += ["--outliers"] if self.outliers else []
 
         def build(path: Path) -> None:
             command = [sys.executable, str(PREPARE), "checkpoint", "--out", str(path), *arguments]
             self.run(f"checkpoint {shape.name}", command)
 
-        path = self.work / "checkpoints" / f"{shape.name}-seed{self.seed}"
+        path = self.work / "checkpoints" / f"{shape.name}-seed{self.seed}{'-outliers' if self.outliers else ''}"
         return self.cached(path, json.dumps(arguments), "random checkpoint", build)
 
     def bundle(self, name: str, flags: list[str]) -> Path:
@@ -182,7 +209,7 @@ class Workspace:
             command = [*export, "--model", str(checkpoint), "--output", str(path)]  # with the checkpoint's tokenizer
             self.run(f"export-gpt2 {name}", [*command, "--force", "--quiet", *flags])
 
-        path = self.work / "bundles" / f"{self.shape.name}-{name}"
+        path = self.work / "bundles" / f"{self.checkpoint().name}-{name}"
         return self.cached(path, recipe, f"export-gpt2 {name}", build, depends=(checkpoint,))
 
     def optimum_export(self) -> Path:
@@ -195,7 +222,7 @@ class Workspace:
         def build(path: Path) -> None:
             self.run("optimum export", [*command, str(path)])
 
-        path = self.work / "optimum" / self.shape.name
+        path = self.work / "optimum" / checkpoint.name
         return self.cached(path, json.dumps(command), "optimum export", build, depends=(checkpoint,))
 
     def ct2_model(self, quantization: str) -> Path:
@@ -208,11 +235,11 @@ class Workspace:
         def build(path: Path) -> None:
             self.run(f"ct2 convert {quantization}", [*command, str(path)])
 
-        path = self.work / "ct2" / f"{self.shape.name}-{quantization}"
+        path = self.work / "ct2" / f"{checkpoint.name}-{quantization}"
         return self.cached(path, json.dumps(command), f"CTranslate2 conversion ({quantization})", build, (checkpoint,))
 
-    def genai_model(self, int8: bool) -> Path:
-        """optimum's export (int8: ORT-optimised and quantised) with a genai_config.json that names its io.
+    def genai_model(self, quantization: str | None) -> Path:
+        """optimum's export (int8, int4: ORT-optimised and quantised) with a genai_config.json that names its io.
 
         onnxruntime-genai's builder refuses GPT2LMHeadModel and its own "gpt2" type expects an older past layout;
         its "llama" type runs this graph when told the io names (see shared/notes/peer-baselines.md).
@@ -220,20 +247,69 @@ class Workspace:
         export = self.optimum_export()
         source = export / "model.onnx"
         shape = self.shape
-        quantize = [self.venv(OPTIMUM_VENV), str(PREPARE), "ort-int8", "--source", str(source)]
+        quantize = [self.venv(OPTIMUM_VENV), str(PREPARE), f"ort-{quantization}", "--source", str(source)]
         quantize += ["--n-head", str(shape.n_head), "--n-embd", str(shape.n_embd)]
         config = genai_config(shape, threads=physical_cores())
 
         def build(path: Path) -> None:
-            if int8:
-                self.run("ORT optimise + int8", [*quantize, "--out", str(path / "model.onnx")])
+            if quantization:
+                self.run(f"ORT optimise + {quantization}", [*quantize, "--out", str(path / "model.onnx")])
             else:
                 os.link(source, path / "model.onnx")  # same filesystem; a hard link costs no space
             (path / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
-        recipe = json.dumps({"int8": quantize if int8 else None, "config": config})
-        name = f"{shape.name}-{'int8' if int8 else 'fp32'}"
+        recipe = json.dumps({"quantize": quantize if quantization else None, "config": config})
+        name = f"{export.name}-{quantization or 'fp32'}"
         return self.cached(self.work / "genai" / name, recipe, f"onnxruntime-genai model ({name})", build, (export,))
+
+    def llama_cpp_sources(self) -> Path:
+        """llama.cpp's GGUF converter (convert_hf_to_gguf.py, its conversion package and gguf-py), from the
+        llama.cpp sources that llama-cpp-python's sdist vendors."""
+        sdist = f"llama_cpp_python-{LLAMA_CPP_VERSION}"
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+        def build(path: Path) -> None:
+            download = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", str(path)]
+            self.run("llama-cpp-python sdist", [*download, f"llama-cpp-python=={LLAMA_CPP_VERSION}"])
+            archive = path / f"{sdist}.tar.gz"
+            prefix = f"{sdist}/vendor/llama.cpp/"
+            with tarfile.open(archive) as tar:
+                members = [
+                    m
+                    for m in tar.getmembers()
+                    if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+                ]
+                for member in members:
+                    member.name = member.name[len(prefix) :]
+                tar.extractall(path, members=members, filter="data")
+            archive.unlink()
+
+        return self.cached(self.work / "llama-cpp-sources", sdist, "llama.cpp's GGUF converter", build)
+
+    def gguf(self, kind: str) -> Path:
+        """A GGUF of the checkpoint: f16 and f32 from the vendored convert_hf_to_gguf.py (in this environment, which
+        has torch and transformers), q8_0 and q4_0 quantised from the f32 one by llama.cpp's own quantiser."""
+        checkpoint = self.checkpoint()
+        folder = self.work / "gguf"
+        if kind in ("f16", "f32"):
+            sources = self.llama_cpp_sources()
+            command = [sys.executable, str(sources / "convert_hf_to_gguf.py"), str(checkpoint), "--outtype", kind]
+
+            def build(path: Path) -> None:  # the converter puts the gguf-py beside it on its path
+                self.run(f"GGUF {kind}", [*command, "--outfile", str(path / "model.gguf")])
+
+            depends: tuple[Path, ...] = (checkpoint, sources)
+        else:
+            source = self.gguf("f32") / "model.gguf"
+            command = [self.venv(LLAMA_CPP_VENV), str(PREPARE), "gguf-quantize", "--source", str(source)]
+            command += ["--type", kind]
+
+            def build(path: Path) -> None:
+                self.run(f"GGUF {kind}", [*command, "--out", str(path / "model.gguf")])
+
+            depends = (source.parent,)
+        path = folder / f"{checkpoint.name}-{kind}"
+        return self.cached(path, json.dumps(command), f"GGUF ({kind})", build, depends)
 
 
 def _stamp(path: Path) -> Path:
@@ -306,7 +382,7 @@ def in_this_env(*modules: str) -> str:
     return sys.executable
 
 
-def _gpt2onnx(ws: Workspace, name: str, flags: list[str]) -> Ready:
+def gpt2onnx_ready(ws: Workspace, name: str, flags: list[str]) -> Ready:
     """A gpt2-onnx row: this environment, over a bundle exported with these export-gpt2 flags."""
     return Ready(in_this_env("gpt2onnx", "onnxruntime"), "gpt2onnx", str(ws.bundle(name, flags)))
 
@@ -326,22 +402,28 @@ SYSTEMS = (
         "transformers + PyTorch",
         lambda ws: Ready(in_this_env("torch", "transformers"), "transformers", str(ws.checkpoint())),
     ),
-    System("gpt2onnx-fp32", "gpt2-onnx fp32", lambda ws: _gpt2onnx(ws, "fp32", [])),
-    System("gpt2onnx-int8", "gpt2-onnx int8", lambda ws: _gpt2onnx(ws, "int8", ["--quantize", "int8"])),
+    System("gpt2onnx-fp32", "gpt2-onnx fp32", lambda ws: gpt2onnx_ready(ws, "fp32", [])),
+    System("gpt2onnx-int8", "gpt2-onnx int8", lambda ws: gpt2onnx_ready(ws, "int8", ["--quantize", "int8"])),
+    System("gpt2onnx-int4", "gpt2-onnx int4", lambda ws: gpt2onnx_ready(ws, "int4", ["--quantize", "int4"])),
+    System(
+        "gpt2onnx-int4-head4",
+        "gpt2-onnx int4, 4-bit lm_head",
+        lambda ws: gpt2onnx_ready(ws, "int4-head4", ["--quantize", "int4", "--head-bits", "4"]),
+    ),
     System(
         "gpt2onnx-int8-fast-prefill",
         "gpt2-onnx int8 + fast prefill",
-        lambda ws: _gpt2onnx(ws, "int8-fast-prefill", ["--quantize", "int8", "--fast-prefill"]),
+        lambda ws: gpt2onnx_ready(ws, "int8-fast-prefill", ["--quantize", "int8", "--fast-prefill"]),
     ),
     System(
         "gpt2onnx-int8-block256",
         "gpt2-onnx int8, blocks of 256",
-        lambda ws: _gpt2onnx(ws, "int8-block256", ["--quantize", "int8", "--block-size", "256"]),
+        lambda ws: gpt2onnx_ready(ws, "int8-block256", ["--quantize", "int8", "--block-size", "256"]),
     ),
     System(
         "gpt2onnx-int8-growing",
         "gpt2-onnx int8, growing cache",
-        lambda ws: _gpt2onnx(ws, "int8-growing", ["--quantize", "int8", "--kv-cache", "growing"]),
+        lambda ws: gpt2onnx_ready(ws, "int8-growing", ["--quantize", "int8", "--kv-cache", "growing"]),
     ),
     System(
         "optimum",
@@ -361,12 +443,25 @@ SYSTEMS = (
     System(
         "genai-fp32",
         "onnxruntime-genai fp32",
-        lambda ws: Ready(ws.venv(GENAI_VENV), "genai", str(ws.genai_model(int8=False))),
+        lambda ws: Ready(ws.venv(GENAI_VENV), "genai", str(ws.genai_model(None))),
     ),
     System(
         "genai-int8",
         "onnxruntime-genai int8 (ORT-optimised)",
-        lambda ws: Ready(ws.venv(GENAI_VENV), "genai", str(ws.genai_model(int8=True))),
+        lambda ws: Ready(ws.venv(GENAI_VENV), "genai", str(ws.genai_model("int8"))),
+    ),
+    System(
+        "genai-int4",
+        "onnxruntime-genai int4 (ORT-optimised)",
+        lambda ws: Ready(ws.venv(GENAI_VENV), "genai", str(ws.genai_model("int4"))),
+    ),
+    *(
+        System(
+            f"llamacpp-{kind}",
+            f"llama.cpp {kind} (llama-cpp-python)",
+            lambda ws, kind=kind: Ready(ws.venv(LLAMA_CPP_VENV), "llamacpp", str(ws.gguf(kind) / "model.gguf")),
+        )
+        for kind in GGUF_TYPES
     ),
 )
 SMOKE_SYSTEMS = ("transformers", "gpt2onnx-fp32", "gpt2onnx-int8", "gpt2onnx-int8-fast-prefill")

@@ -27,6 +27,7 @@ class Adapter:
     """A system behind one call: generate exactly `new_tokens` tokens after `ids` in a mode, return how many came."""
 
     packages: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ("greedy", "beam", "sample")  # the decoding modes the system offers
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.model_path = spec["model"]
@@ -165,12 +166,48 @@ class GenAI(Adapter):
         return len(generator.get_sequence(0)) - len(ids)
 
 
+class LlamaCpp(Adapter):
+    """llama.cpp through llama-cpp-python's Llama.generate: its sampler chain, one token per llama_decode call.
+
+    It has no beam search. Each call starts from an empty cache (reset), as the other systems do: Llama.generate
+    would otherwise reuse the cache of a previous call's matching prompt."""
+
+    packages = ("llama-cpp-python",)
+    modes = ("greedy", "sample")
+
+    def load(self) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=self.model_path,
+            n_ctx=1024,
+            n_batch=512,
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+            verbose=False,
+        )
+
+    def generate(self, ids: list[int], new_tokens: int, mode: str) -> int:
+        options: dict[str, Any] = {"temp": 0.0}  # greedy
+        if mode == "sample":
+            self.llm.set_seed(self.next_seed())
+            options = {"temp": 1.0, "top_k": TOP_K, "top_p": 1.0, "min_p": 0.0}
+        self.llm.reset()
+        count = 0
+        for _token in self.llm.generate(ids, repeat_penalty=1.0, **options):  # endless: EOS does not stop it
+            count += 1
+            if count == new_tokens:
+                break
+        return count
+
+
 ADAPTERS: dict[str, type[Adapter]] = {
     "gpt2onnx": GPT2Onnx,
     "transformers": Transformers,
     "optimum": Optimum,
     "ctranslate2": CTranslate2,
     "genai": GenAI,
+    "llamacpp": LlamaCpp,
 }
 
 
@@ -188,7 +225,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     prompt, long_prompt, new_tokens = spec["prompt"], spec["long_prompt"], spec["new_tokens"]
     adapter.generate(prompt, 1, "greedy")
     first_token_at = time.monotonic()
-    modes = spec["modes"]
+    modes = [mode for mode in spec["modes"] if mode in adapter.modes]
     for mode in modes:
         adapter.generate(prompt, spec["warmup_tokens"], mode)
     adapter.generate(long_prompt, 1, "greedy")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from gpt2onnx import __version__
-from gpt2onnx.export.graph import QUANT_BLOCK, QUANT_BLOCKS
+from gpt2onnx.export.graph import DEFAULT_HEAD_BITS, HEAD_BITS, QUANT_BITS, QUANT_BLOCK, QUANT_BLOCK_INT4, QUANT_BLOCKS
 from gpt2onnx.runtime.bundle import KV_CACHES
 
 from .common import ArgumentParser, non_negative_int, run_command
@@ -37,16 +37,23 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--quantize",
-        choices=("int8",),
-        help="int8 weights (blocks of --block-size inputs, int8 activations at run time) in the fused graph; for "
-        "CPU, fp32 only",
+        choices=tuple(QUANT_BITS),
+        help="int8 or int4 weights (blocks of --block-size inputs, int8 activations at run time) in the fused graph; "
+        "for CPU, fp32 only. int4 decodes faster and is further from fp32 (benchmarks/quality_results.md)",
     )
     parser.add_argument(
         "--block-size",
         type=int,
         choices=QUANT_BLOCKS,
-        help=f"with --quantize int8: inputs per weight scale (default {QUANT_BLOCK}); 256 decodes GPT-2 small up to "
-        "about 10%% faster, 32 and 64 stay closer to fp32",
+        help=f"with --quantize: inputs per weight scale (default {QUANT_BLOCK} for int8, {QUANT_BLOCK_INT4} for "
+        "int4); larger blocks decode faster, smaller ones stay closer to fp32",
+    )
+    parser.add_argument(
+        "--head-bits",
+        type=int,
+        choices=HEAD_BITS,
+        help=f"with --quantize int4: bits of the lm_head and token embedding (default {DEFAULT_HEAD_BITS}, in int8's "
+        "blocks of 128; 4 decodes faster and is further from fp32)",
     )
     parser.add_argument(
         "--fast-prefill",
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             outliers=args.outliers,
             isolate_outliers=args.isolate_outliers,
+            head_bits=args.head_bits,
             tokenizer=args.tokenizer,
             revision=args.revision,
             force=args.force,

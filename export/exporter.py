@@ -17,7 +17,17 @@ from gpt2onnx.runtime.errors import ExportError, InvalidInputError
 
 from .calibrate import OUTLIER_RATIO, outlier_channels, sample_ids
 from .checkpoint import VOCAB_SIZE, Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
-from .graph import CONTRIB, OPSET, QUANT_BLOCK, QUANT_BLOCKS, build_graph
+from .graph import (
+    CONTRIB,
+    DEFAULT_HEAD_BITS,
+    HEAD_BITS,
+    OPSET,
+    QUANT_BITS,
+    QUANT_BLOCK,
+    QUANT_BLOCK_INT4,
+    QUANT_BLOCKS,
+    build_graph,
+)
 from .sources import (
     TokenizerChoice,
     check_checkpoint_folder,
@@ -35,7 +45,8 @@ from .validate import validate_bundle
 EXTERNAL_DATA_THRESHOLD = 32 << 20
 DEFAULT_MODEL = "gpt2"
 DTYPES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = tuple(QUANT_BITS)
+DEFAULT_BLOCK_SIZES = {"int8": QUANT_BLOCK, "int4": QUANT_BLOCK_INT4}
 
 
 class Progress:
@@ -169,20 +180,34 @@ def _nodes(graph: Any) -> Iterator[Any]:
                 yield from _nodes(attribute.g)
 
 
-def _quantization_record(model_proto: Any, block_size: int, outliers: dict[str, list[int]]) -> dict[str, Any]:
-    """What bundle.json says about int8 weights."""
+def _scheme(bits: int, block_size: int) -> str:
+    if bits == 8:
+        return f"int8, symmetric blocks of {block_size} inputs per output, one float32 scale each (zero point 128)"
+    return (
+        f"int4, asymmetric blocks of {block_size} inputs per output, one float32 scale and one 4-bit zero point each "
+        "(two values a byte, the first in the low nibble)"
+    )
+
+
+def _quantization_record(
+    model_proto: Any, quantize: str, block_size: int, head_bits: int, outliers: dict[str, list[int]]
+) -> dict[str, Any]:
+    """What bundle.json says about quantised weights."""
     ops = [node.op_type for node in _nodes(model_proto.graph)]
+    bits = QUANT_BITS[quantize]
+    head_block = block_size if head_bits == bits else QUANT_BLOCK
     record = {
-        "weights": "int8",
-        "scheme": f"symmetric blocks of {block_size} inputs per output, one float32 scale each (zero point 128)",
+        "weights": quantize,
+        "scheme": _scheme(bits, block_size),
         "block_size": block_size,
         "activations": "int8, quantised per block at run time (MatMulNBits accuracy_level 4)",
         "op": "com.microsoft.MatMulNBits",
         "projections": ops.count("MatMulNBits"),
         "covers": "every attention and MLP projection, the lm_head (vocabulary projection) and the token embedding",
+        "head": {"bits": head_bits, "block_size": head_block, "scheme": _scheme(head_bits, head_block)},
         "outlier_channels": {
             "rule": f"input channels whose largest |input| on the sample text is over {OUTLIER_RATIO:g}x the median "
-            "channel's are multiplied in float32 beside the int8 product (LLM.int8()'s decomposition)",
+            "channel's are multiplied in float32 beside the quantised product (LLM.int8()'s decomposition)",
             "projections": len(outliers),
             "channels": sum(map(len, outliers.values())),
         },
@@ -197,6 +222,14 @@ def _quantization_record(model_proto: Any, block_size: int, outliers: dict[str, 
             "covers": "every attention and MLP projection (embedding and lm_head stay in blocks)",
         }
     return record
+
+
+def _precision_hint(quantize: str, block_size: int, head_bits: int) -> str:
+    """What keeps more precision than this variant, in export-gpt2 flags."""
+    options = ["--head-bits 8"] if quantize == "int4" and head_bits == 4 else []
+    options += ["a smaller --block-size"] if block_size > min(QUANT_BLOCKS) else []
+    options += ["--quantize int8"] if quantize == "int4" else ["fp32 weights (no --quantize)"]
+    return " or ".join(options) + " would keep more precision"
 
 
 def _contrib_ops(model_proto: Any) -> list[str]:
@@ -249,6 +282,7 @@ def check_graph_options(
     fast_prefill: bool,
     kv_cache: str,
     block_size: int | None,
+    head_bits: int | None = None,
 ) -> None:
     """Raise InvalidInputError for a graph variant that cannot be built (named by its export-gpt2 flags)."""
     if dtype not in DTYPES:
@@ -262,7 +296,11 @@ def check_graph_options(
     if fast_prefill and quantize != "int8":
         raise InvalidInputError("--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8")
     if block_size is not None and quantize is None:
-        raise InvalidInputError("--block-size sets the int8 blocks; add --quantize int8")
+        raise InvalidInputError("--block-size sets the quantised weights' blocks; add --quantize int8 or int4")
+    if head_bits is not None and quantize != "int4":
+        raise InvalidInputError("--head-bits sets the lm_head's bits in an int4 graph; add --quantize int4")
+    if head_bits is not None and head_bits not in HEAD_BITS:
+        raise InvalidInputError(f"unsupported head bits {head_bits!r}; choose {' or '.join(map(str, HEAD_BITS))}")
     if block_size is not None and block_size not in QUANT_BLOCKS:
         raise InvalidInputError(f"unsupported block size {block_size!r}; choose {', '.join(map(str, QUANT_BLOCKS))}")
     if kv_cache not in ("auto", *bundle.KV_CACHES):
@@ -287,6 +325,7 @@ def export_bundle(
     seed: int = 0,
     outliers: bool = False,
     isolate_outliers: bool = True,
+    head_bits: int | None = None,
     tokenizer: str | None = None,
     revision: str | None = None,
     force: bool = False,
@@ -303,9 +342,10 @@ def export_bundle(
     optimize: build the graph from onnxruntime's fused contrib ops (attention with past/present, FastGelu); False
     keeps standard ONNX ops only. kv_cache: "preallocated" (fused only: GroupQueryAttention updates one buffer in
     place; CPU provider only), "growing" (each step returns past + new positions; CUDA too) or "auto" (preallocated
-    for fused fp32 and int8 graphs, growing otherwise). quantize="int8": int8 weights in the fused graph
-    (MatMulNBits, int8 activations at run time; fp32 only), one scale per block_size inputs (32 to 256, default
-    128; larger decodes faster, smaller stays closer to fp32). fast_prefill (with int8): the blocks a second time as
+    for fused fp32 and int8 graphs, growing otherwise). quantize="int8" or "int4": quantised weights in the fused
+    graph (MatMulNBits, int8 activations at run time; fp32 only), one scale per block_size inputs (32 to 256, default
+    128 for int8, 32 for int4; larger decodes faster, smaller stays closer to fp32); head_bits (int4 only, default 8):
+    the lm_head's and token embedding's bits. fast_prefill (with int8): the blocks a second time as
     int8 matrices for onnxruntime's int8 GEMM, used for steps of several tokens (prompts): faster prompts for more
     memory. Quantised projections multiply their outlier input channels (export/calibrate.py, found on the sample
     text) in float32 beside the int8 product unless isolate_outliers is False. outliers (with random_init): write
@@ -314,15 +354,16 @@ def export_bundle(
     place after validation, so a failed or interrupted export leaves no bundle (and no half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
-    check_graph_options(dtype, optimize, quantize, fast_prefill, kv_cache, block_size)
+    check_graph_options(dtype, optimize, quantize, fast_prefill, kv_cache, block_size, head_bits)
     kv_cache = resolve_kv_cache(kv_cache, dtype, optimize)
-    block_size = block_size or QUANT_BLOCK
+    block_size = block_size or DEFAULT_BLOCK_SIZES.get(quantize or "int8")
+    head_bits = (head_bits or DEFAULT_HEAD_BITS) if quantize == "int4" else QUANT_BITS.get(quantize)
     if model is not None and random_init is not None:
         raise InvalidInputError("give --model or --random-init, not both: --random-init builds its own weights")
     if outliers and random_init is None:
         raise InvalidInputError("--outliers writes outliers into --random-init's weights; add --random-init SHAPE")
     if not isolate_outliers and quantize is None:
-        raise InvalidInputError("--no-outlier-channels applies to quantised weights; add --quantize int8")
+        raise InvalidInputError("--no-outlier-channels applies to quantised weights; add --quantize int8 or int4")
     model = model or (None if random_init else DEFAULT_MODEL)
     output = Path(output) if output is not None else default_output(model, random_init, outliers)
     check_output(output, force)
@@ -371,14 +412,17 @@ def export_bundle(
                 weights,
                 graph_dtype,
                 fused=optimize,
-                int8=quantize == "int8",
+                bits=QUANT_BITS.get(quantize),
+                head_bits=head_bits,
                 fast_prefill=fast_prefill,
                 kv_cache=kv_cache,
                 block_size=block_size,
                 outliers=float_channels,
             )
             optimizations = _contrib_ops(model_proto)
-            quantization = _quantization_record(model_proto, block_size, float_channels) if quantize else None
+            quantization = (
+                _quantization_record(model_proto, quantize, block_size, head_bits, float_channels) if quantize else None
+            )
             external = _save_graph(model_proto, staging)
             del weights, model_proto
         architecture = {
@@ -422,9 +466,9 @@ def export_bundle(
         missed = report.below_floors()
         if missed:
             warnings.warn(
-                f"{quantize} weights fall below the quality floors on the sample text: {', '.join(missed)}; a smaller "
-                f"--block-size keeps more precision (benchmarks/README.md, 'Quantisation quality', has each variant's "
-                "figures)",
+                f"{quantize} weights fall below the quality floors on the sample text: {', '.join(missed)}; "
+                f"{_precision_hint(quantize, block_size, head_bits)} (benchmarks/README.md, 'Quantisation quality', "
+                "has each variant's figures)",
                 UserWarning,
                 stacklevel=2,
             )

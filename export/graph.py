@@ -11,13 +11,13 @@ the cache).
 Blocks come in two forms: standard ONNX ops (plain; growing cache, Concat), or onnxruntime's contrib ops (fused:
 FastGelu with the MLP bias; MultiHeadAttention for a growing cache, GroupQueryAttention over the packed QKV for a
 preallocated one, the attention mask turned into an additive bias beside the op's own causal mask). The QKV
-projection adds its own bias. The fused form can carry int8 weights: every projection
-becomes MatMulNBits (8 bits, symmetric blocks of block_size inputs, QUANT_BLOCK by default, along the input
-dimension, int8 activations at run time) with its bias folded in. Residual sums are Add + LayerNormalization: on
-onnxruntime's CPU provider that pair is faster than its SkipLayerNormalization (measured 0.19 vs 1.03 ms for 512
+projection adds its own bias. The fused form can carry quantised weights: every projection becomes MatMulNBits (8
+bits in symmetric blocks, or 4 bits in asymmetric blocks with a zero point each, of block_size inputs along the
+input dimension; int8 activations at run time) with its bias folded in. Residual sums are Add + LayerNormalization:
+on onnxruntime's CPU provider that pair is faster than its SkipLayerNormalization (measured 0.19 vs 1.03 ms for 512
 tokens). The tied token embedding is stored once: as [n_embd, vocab] for float graphs (MatMul reads it for the
-logits, a Gather along axis 1 for the input), or as the lm_head's MatMulNBits blocks for int8 graphs (the input
-Gather dequantises its rows). An untied lm_head gets its own weight.
+logits, a Gather along axis 1 for the input), or as the lm_head's MatMulNBits blocks for quantised graphs (the input
+Gather dequantises its rows; the head may keep 8 bits in a 4-bit graph). An untied lm_head gets its own weight.
 
 An int8 graph with fast prefill holds the blocks twice, chosen per run by an If on the step's length: steps of one
 token (decoding) run the MatMulNBits blocks; longer steps (prompts) run the same blocks over int8 matrices with one
@@ -43,8 +43,23 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 CONTRIB = "com.microsoft"
 QUANT_BLOCK = 128  # int8 weights: by default one scale per QUANT_BLOCK inputs of each output
+QUANT_BLOCK_INT4 = 32  # int4's default (llama.cpp's q4_0 blocks too): measured in benchmarks/quality_results.md
+QUANT_BITS = {"int8": 8, "int4": 4}  # export-gpt2 --quantize: the projections' bits
+HEAD_BITS = (4, 8)  # int4 graphs: the lm_head's and token embedding's bits (--head-bits)
+DEFAULT_HEAD_BITS = 8  # as llama.cpp keeps q4_0's output matrix at 6 bits; measured in benchmarks/quality_results.md
 QUANT_BLOCKS = (32, 64, 128, 256)  # the block sizes export offers (MatMulNBits takes powers of two from 16)
 QUANT_ZERO = 128  # MatMulNBits' implied zero point for 8 bits: stored byte = round(w / scale) + 128
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A matrix's MatMulNBits initializers: blocks, one scale per block, and (4 bits) one zero point per block."""
+
+    data: str
+    scales: str
+    bits: int
+    block_size: int
+    zero_points: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,14 +93,18 @@ class _Builder:
     def __init__(
         self,
         dtype: str,
-        int8: bool = False,
+        bits: int | None = None,
         block_size: int = QUANT_BLOCK,
         outliers: dict[str, list[int]] | None = None,
+        head_bits: int | None = None,
     ) -> None:
         from onnx import TensorProto, helper, numpy_helper
 
         self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
-        self.int8 = int8
+        self.bits = bits  # weights of the projections: None (float), 8 or 4 bits (MatMulNBits)
+        self.head_bits = head_bits or bits  # the lm_head's and token embedding's
+        # An 8-bit head in a 4-bit graph takes int8's default blocks: finer ones cost time and add no precision there.
+        self.head_block = block_size if self.head_bits == bits else QUANT_BLOCK
         self.block_size = block_size
         self.outliers = outliers or {}  # weight name -> input channels multiplied in float (export/calibrate.py)
         self.int8_columns = False  # int8 projections as DynamicQuantizeMatMul (inside the prefill branch)
@@ -127,31 +146,52 @@ class _Builder:
         finally:
             self.nodes, self.int8_columns = outer, columns
 
-    def quantized(self, name: str, matrix: np.ndarray) -> tuple[str, str]:
-        """Blocks and scales of matrix [out, in] for MatMulNBits: uint8 [out, blocks, block_size], float [out, blocks].
+    def quantized(self, name: str, matrix: np.ndarray, bits: int, block_size: int | None = None) -> QuantizedWeight:
+        """matrix [out, in] as MatMulNBits blocks of block_size inputs (default the graph's; the last zero-padded),
+        bits 8 or 4.
 
-        Each block of block_size inputs (zero-padded at the end) gets scale max|w| / 127 and bytes round(w / scale)
-        + 128, so that w = (byte - 128) * scale within half a step.
+        8 bits, symmetric: scale max|w| / 127 per block, bytes round(w / scale) + 128 (the op's implied zero point),
+        so that w = (byte - 128) * scale within half a step. 4 bits, asymmetric (measured on the stress checkpoint:
+        KL 0.18 against 0.21 for symmetric llama.cpp-q4_0-style blocks, at the same speed): the block's range
+        [min(w, 0), max(w, 0)] in 15 steps, a zero point per block, two values a byte (the first in the low nibble).
         """
         rows, columns = matrix.shape
-        size = self.block_size
+        size = block_size or self.block_size
         blocks = -(-columns // size)
         padded = np.zeros((rows, blocks * size), np.float32)
         padded[:, :columns] = matrix
         padded = padded.reshape(rows, blocks, size)
-        scales = np.abs(padded).max(axis=2) / 127.0
+        if bits == 8:
+            scales = np.abs(padded).max(axis=2) / 127.0
+            scales[scales == 0] = 1.0
+            data = np.clip(np.round(padded / scales[:, :, None]), -127, 127) + QUANT_ZERO
+            return QuantizedWeight(
+                self.weight(name + ".int8", data.astype(np.uint8)),
+                self.weight(name + ".scales", scales.astype(np.float32)),
+                bits,
+                size,
+            )
+        low, high = np.minimum(padded.min(axis=2), 0.0), np.maximum(padded.max(axis=2), 0.0)
+        scales = (high - low) / 15.0
         scales[scales == 0] = 1.0
-        data = np.clip(np.round(padded / scales[:, :, None]), -127, 127) + QUANT_ZERO
-        return self.weight(name + ".int8", data.astype(np.uint8)), self.weight(
-            name + ".scales", scales.astype(np.float32)
+        zeros = np.clip(np.round(-low / scales), 0, 15)
+        levels = np.clip(np.round(padded / scales[:, :, None]) + zeros[:, :, None], 0, 15).astype(np.uint8)
+        packed = levels[:, :, 0::2] | (levels[:, :, 1::2] << 4)
+        zeros = np.pad(zeros.astype(np.uint8), ((0, 0), (0, blocks % 2)))  # two zero points a byte as well
+        return QuantizedWeight(
+            self.weight(name + ".int4", packed),
+            self.weight(name + ".scales", scales.astype(np.float32)),
+            bits,
+            size,
+            self.weight(name + ".zero_points", zeros[:, 0::2] | (zeros[:, 1::2] << 4)),
         )
 
     def project(self, x: str, name: str, weight: np.ndarray, bias: str | None = None) -> str:
-        """x @ weight (+ bias) (weight [in, out]): MatMul (then Add), or MatMulNBits over int8 blocks with the bias
-        inside it when building an int8 graph. An int8 projection with outlier input channels multiplies those in
-        float, beside the int8 product of the others (LLM.int8()'s decomposition): they no longer set the scale of
-        the activations around them."""
-        if not self.int8:
+        """x @ weight (+ bias) (weight [in, out]): MatMul (then Add), or MatMulNBits over quantised blocks with the
+        bias inside it when building a quantised graph. A quantised projection with outlier input channels multiplies
+        those in float, beside the int8 product of the others (LLM.int8()'s decomposition): they no longer set the
+        scale of the activations around them."""
+        if not self.bits:
             product = self.op("MatMul", x, self.weight(name, weight.astype(self.np_dtype)))
             return product if bias is None else self.op("Add", product, bias)
         channels = self.outliers.get(name)
@@ -167,11 +207,16 @@ class _Builder:
         if self.int8_columns:
             product = self.project_columns(x, name, weight, bias)
         else:
-            product = self.project_blocks(x, *self.quantized(name, weight.T), *weight.shape, bias=bias)
+            product = self.project_blocks(x, self.quantized(name, weight.T, self.bits), *weight.shape, bias=bias)
         return self.op("Add", product, outlier_part) if channels else product
 
     def project_columns(self, x: str, name: str, weight: np.ndarray, bias: str | None) -> str:
-        """DynamicQuantizeMatMul over weight [in, out] as int8 with one scale per output column (max|w| / 127)."""
+        """DynamicQuantizeMatMul over weight [in, out] as int8 with one scale per output column (max|w| / 127).
+
+        Measured against per-row activation scales on the stress checkpoint (prompt steps, top-1 agreement with fp32
+        on the sample text / first token after 512 tokens): this 92.4% / 0.62 s; MatMulInteger over int8 rows
+        scaled per token 94.5% / 2.8 s (no fast int8 x int8 kernel); the same over uint8 rows 92.9% / 0.74 s (the
+        uint8 x int8 kernel without VNNI saturates pairs of products at 16 bits, as DynamicQuantizeMatMul's may)."""
         scales = np.abs(weight).max(axis=0) / 127.0
         scales[scales == 0] = 1.0
         data = np.clip(np.round(weight / scales), -127, 127).astype(np.int8)
@@ -184,20 +229,27 @@ class _Builder:
             domain=CONTRIB,
         )
 
-    def project_blocks(self, x: str, data: str, scales: str, inputs: int, outputs: int, bias: str | None = None) -> str:
-        bias_inputs = ("", "", bias) if bias is not None else ()  # after the zero points and g_idx it does not use
+    def project_blocks(
+        self, x: str, weight: QuantizedWeight, inputs: int, outputs: int, bias: str | None = None
+    ) -> str:
+        zero_points = (weight.zero_points,) if weight.zero_points else ("",) if bias is not None else ()
+        bias_inputs = ("", bias) if bias is not None else ()  # after the zero points and the g_idx it does not use
         return self.op(
             "MatMulNBits",
             x,
-            data,
-            scales,
+            weight.data,
+            weight.scales,
+            *zero_points,
             *bias_inputs,
             domain=CONTRIB,
             K=inputs,
             N=outputs,
-            bits=8,
-            block_size=self.block_size,
-            accuracy_level=4,  # int8 activations (quantised per block at run time): the fast VNNI/AVX2 kernels
+            bits=weight.bits,
+            block_size=weight.block_size,
+            # int8 activations (quantised per block at run time): the fast VNNI/AVX2 kernels. Float activations
+            # (level 0), one token, here: 4 bits in blocks of 32 about 4x slower (lm_head 7.3 vs 1.9 ms, c_fc 0.35
+            # vs 0.09 ms), 8 bits 50-70x slower.
+            accuracy_level=4,
         )
 
 
@@ -381,7 +433,7 @@ def _blocks(
     unless the int8 projection holds it. Returns the final layer norm's output; the present key/values get the
     graph outputs' names plus present_suffix (inside an If branch, whose outputs the If renames)."""
     eps = spec.layer_norm_epsilon
-    bias_in_activation = fused and not b.int8
+    bias_in_activation = fused and not b.bits
     normed = _layer_norm(b, hidden, w("transformer.h.0.ln_1.weight"), w("transformer.h.0.ln_1.bias"), eps)
     residual = hidden
     for layer in range(spec.n_layer):
@@ -427,6 +479,34 @@ def _blocks_by_step_length(b: _Builder, spec: GPT2Spec, blocks: Callable[[str], 
     return normed
 
 
+def _nibbles(b: _Builder, packed: str) -> str:
+    """uint8 [..., n] -> float [..., n, 2]: each byte's low four bits, then its high four (opset 17 has no bitwise
+    and: integer Mod and Div by 16)."""
+    as_int = b.op("Cast", packed, to=b.TensorProto.INT32)
+    sixteen, last = b.const(16, np.int32), b.const([-1], np.int64)
+    low = b.op("Unsqueeze", b.op("Mod", as_int, sixteen), last)
+    high = b.op("Unsqueeze", b.op("Div", as_int, sixteen), last)
+    return b.op("Cast", b.op("Concat", low, high, axis=-1), to=b.onnx_dtype)
+
+
+def _dequantized_rows(b: _Builder, table: QuantizedWeight, ids: str, width: int) -> str:
+    """Rows `ids` of a quantised table, in float: (level - zero point) * the scale of each block, blocks laid end to
+    end, the padding cut off. 4-bit levels are unpacked from their nibbles (low first)."""
+    int64 = np.int64
+    rows = b.op("Gather", table.data, ids)  # [batch, seq, blocks, bytes per block]
+    scales = b.op("Unsqueeze", b.op("Gather", table.scales, ids), b.const([-1], int64))
+    if table.bits == 8:
+        levels = b.op("Sub", b.op("Cast", rows, to=b.onnx_dtype), b.const(float(QUANT_ZERO)))
+    else:
+        unpacked = b.op("Reshape", _nibbles(b, rows), b.const([0, 0, 0, -1], int64))  # [batch, seq, blocks, size]
+        zeros = b.op("Reshape", _nibbles(b, b.op("Gather", table.zero_points, ids)), b.const([0, 0, -1], int64))
+        blocks = b.op("Shape", scales, start=2, end=3)
+        zeros = b.op("Slice", zeros, b.const([0], int64), blocks, b.const([2], int64))  # an odd count's padding off
+        levels = b.op("Sub", unpacked, b.op("Unsqueeze", zeros, b.const([-1], int64)))
+    flat = b.op("Reshape", b.op("Mul", levels, scales), b.const([0, 0, -1], int64))
+    return b.op("Slice", flat, b.const([0], int64), b.const([width], int64), b.const([2], int64))
+
+
 def _embedding_and_head(
     b: _Builder, spec: GPT2Spec, weights: dict[str, np.ndarray]
 ) -> tuple[str, Callable[[str], str]]:
@@ -434,19 +514,12 @@ def _embedding_and_head(
     wte = weights["transformer.wte.weight"]
     head = wte if spec.tied_embeddings else weights["lm_head.weight"]
     V, E = head.shape
-    if b.int8:
-        data, scales = b.quantized("lm_head" if not spec.tied_embeddings else "transformer.wte", head)
-        if not spec.tied_embeddings:
-            table_data, table_scales = b.quantized("transformer.wte", wte)
-        else:
-            table_data, table_scales = data, scales
-        # Rows of the int8 table: (byte - 128) * the scale of each block, blocks laid end to end, padding cut off.
-        rows = b.op("Cast", b.op("Gather", table_data, bundle.INPUT_IDS), to=b.onnx_dtype)
-        row_scales = b.op("Unsqueeze", b.op("Gather", table_scales, bundle.INPUT_IDS), b.const([-1], np.int64))
-        blocks = b.op("Mul", b.op("Sub", rows, b.const(float(QUANT_ZERO))), row_scales)
-        flat = b.op("Reshape", blocks, b.const([0, 0, -1], np.int64))
-        embedded = b.op("Slice", flat, b.const([0], np.int64), b.const([E], np.int64), b.const([2], np.int64))
-        return embedded, lambda hidden: b.project_blocks(hidden, data, scales, E, V)
+    if b.bits:
+        head_name = "lm_head" if not spec.tied_embeddings else "transformer.wte"
+        head_weight = b.quantized(head_name, head, b.head_bits, b.head_block)
+        table = head_weight if spec.tied_embeddings else b.quantized("transformer.wte", wte, b.head_bits, b.head_block)
+        embedded = _dequantized_rows(b, table, bundle.INPUT_IDS, E)
+        return embedded, lambda hidden: b.project_blocks(hidden, head_weight, E, V)
     head_t = b.weight(
         "lm_head.weight.T" if not spec.tied_embeddings else "transformer.wte.weight.T", head.T.astype(b.np_dtype)
     )
@@ -464,7 +537,8 @@ def build_graph(
     dtype: str = "float32",
     *,
     fused: bool = False,
-    int8: bool = False,
+    bits: int | None = None,
+    head_bits: int | None = None,
     fast_prefill: bool = False,
     kv_cache: str = "growing",
     block_size: int = QUANT_BLOCK,
@@ -475,15 +549,15 @@ def build_graph(
     fused: build the blocks from onnxruntime contrib ops (faster; needs onnxruntime) instead of standard ONNX ops.
     kv_cache: "growing" (present = past + the new positions) or "preallocated" (fused only: past and present are one
     buffer of fixed capacity, updated in place by GroupQueryAttention).
-    int8: int8 weights (MatMulNBits) for every projection and the embedding, one scale per block_size inputs;
-    needs fused and float32.
-    fast_prefill: with int8, the blocks a second time over DynamicQuantizeMatMul for steps of several tokens.
-    outliers: with int8, weight name -> input channels that the projection multiplies in float (export/calibrate.py).
+    bits: 8 or 4-bit weights (MatMulNBits) for every projection and the embedding, one scale per block_size inputs;
+    needs fused and float32. head_bits: the lm_head's and embedding's, when not `bits`.
+    fast_prefill: with 8 bits, the blocks a second time over DynamicQuantizeMatMul for steps of several tokens.
+    outliers: with bits, weight name -> input channels that the projection multiplies in float (export/calibrate.py).
     The exporter checks these combinations (exporter.check_graph_options) and the activation (checkpoint loading).
     """
     from onnx import TensorProto, helper
 
-    b = _Builder(dtype, int8=int8, block_size=block_size, outliers=outliers)
+    b = _Builder(dtype, bits=bits, block_size=block_size, outliers=outliers, head_bits=head_bits)
     H, D = spec.n_head, spec.head_dim
 
     def w(name: str) -> str:

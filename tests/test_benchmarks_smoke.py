@@ -45,14 +45,22 @@ def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
     assert "1.00×" in next(line for line in table if line.startswith("| transformers"))
 
     # The per-operator profile of the bundle just measured (the tool for finding where decode time goes).
-    profile = [sys.executable, str(REPO / "benchmarks" / "profile_ops.py"), str(tmp_path / "bundles" / "tiny-int8")]
+    profile = [
+        sys.executable,
+        str(REPO / "benchmarks" / "profile_ops.py"),
+        str(tmp_path / "bundles" / "tiny-seed0-int8"),
+    ]
     profiled = subprocess.run([*profile, "--prompt", "16", "--runs", "10"], capture_output=True, text=True, timeout=300)
     assert profiled.returncode == 0, profiled.stderr[-3000:]
     assert "decode step, batch 1, past 40" in profiled.stdout and "prefill of 16 tokens" in profiled.stdout
     assert "MatMulNBits" in profiled.stdout and "GroupQueryAttention" in profiled.stdout
 
     # The decode profile (wall time, Python overhead, stubbed loop), greedy and beam search.
-    decode = [sys.executable, str(REPO / "benchmarks" / "profile_decode.py"), str(tmp_path / "bundles" / "tiny-int8")]
+    decode = [
+        sys.executable,
+        str(REPO / "benchmarks" / "profile_decode.py"),
+        str(tmp_path / "bundles" / "tiny-seed0-int8"),
+    ]
     for beams in (1, 3):
         done = subprocess.run(
             [*decode, "--runs", "2", "--new-tokens", "8", "--long-prompt", "16", "--num-beams", str(beams)],
@@ -66,3 +74,26 @@ def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
         assert math.isfinite(report["decode_ms_per_token"]) and math.isfinite(report["python_overhead_ms_per_step"])
         assert report["idle_cpu_ms_after_generate"] >= 0
         assert (report["python_ms_per_step_session_stubbed"] is None) == (beams > 1)
+
+
+def test_smoke_quality_writes_a_table(tmp_path: Path) -> None:
+    """benchmarks/quality.py on the tiny stress checkpoint: the fp32 reference agrees with itself exactly, the
+    quantised variants are compared and held to their floors, and the page has one row per variant."""
+    out = tmp_path / "quality_results.md"
+    command = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--work", str(tmp_path)]
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rows = {row["key"]: row for row in json.loads(out.with_suffix(".json").read_text("utf-8"))["rows"]}
+    assert list(rows) == ["gpt2onnx-fp32", "gpt2onnx-int8", "gpt2onnx-int4"]
+    assert all(row["status"] == "measured" for row in rows.values())
+    reference = rows["gpt2onnx-fp32"]["figures"]
+    assert (reference["kl_divergence"], reference["top1_agreement"], reference["max_logits_diff"]) == (0.0, 1.0, 0.0)
+    for key in ("gpt2onnx-int8", "gpt2onnx-int4"):
+        figures = rows[key]["figures"]
+        assert figures["max_logits_diff"] > 0.0 and 0.0 <= figures["kl_divergence"] < 0.1
+        assert math.isclose(figures["perplexity"], reference["perplexity"], rel_tol=0.05)
+    table = [line for line in out.read_text("utf-8").splitlines() if line.startswith("|")]
+    assert len({line.replace("\\|", "").count("|") for line in table}) == 1, "every row has the header's cells"
+    assert [line.split("|")[1].strip() for line in table[2:]] == [row["title"] for row in rows.values()]
+    assert table[3].split("|")[7].strip() in ("meets", "misses top-1", "misses KL", "misses top-1 and KL")

@@ -1,4 +1,4 @@
-"""Export variants (fused, plain, int8, fp16) on a tiny random GPT-2: they export, load, record their choices, and
+"""Export variants (fused, plain, int8, int4, fp16) on a tiny random GPT-2: they export, load, record their choices, and
 match PyTorch; and the session's device-cache (IO binding + OrtValue) path, exercised on CPU."""
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from gpt2onnx.runtime.padding import PaddedBatch, position_ids_from_mask
 from gpt2onnx.runtime.session import DecoderSession
 from reference import reference_generate, reference_padded_logits
 
+# Tiny random weights have flat logits, so their top-1 agreement misses the quantised floors by chance; the floors'
+# warning is tested on its own (test_quantisation_quality.py, test_int4.py).
+pytestmark = pytest.mark.filterwarnings("ignore:int[48] weights fall below the quality floors:UserWarning")
 SEED = 0
 VARIANTS: dict[str, dict[str, Any]] = {
     "fused": {},
@@ -31,6 +34,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int8": {"quantize": "int8"},
     "int8-fast-prefill": {"quantize": "int8", "fast_prefill": True},
     "int8-block256": {"quantize": "int8", "block_size": 256},
+    "int4": {"quantize": "int4"},
+    "int4-head4": {"quantize": "int4", "head_bits": 4, "block_size": 64},
     "fp16": {"dtype": "fp16"},
     "fp16-preallocated": {"dtype": "fp16", "kv_cache": "preallocated"},
 }
@@ -78,6 +83,8 @@ def test_manifest_records_graph_choices(bundles: dict[str, Path]) -> None:
         "int8": "preallocated",
         "int8-fast-prefill": "preallocated",
         "int8-block256": "preallocated",
+        "int4": "preallocated",
+        "int4-head4": "preallocated",
         "fp16": "growing",
         "fp16-preallocated": "preallocated",
     }
@@ -88,7 +95,13 @@ def test_manifest_records_graph_choices(bundles: dict[str, Path]) -> None:
     assert graphs["int8"]["optimizations"] == sorted([*FUSED_OPS, "MatMulNBits"])
     assert "prompt_steps" not in quantization
     assert (quantization["block_size"], graphs["int8-block256"]["quantization"]["block_size"]) == (128, 256)
-    assert graphs["int8-block256"]["quantization"]["scheme"].startswith("symmetric blocks of 256 inputs per output")
+    assert graphs["int8-block256"]["quantization"]["scheme"].startswith("int8, symmetric blocks of 256 inputs")
+    assert quantization["head"] == {"bits": 8, "block_size": 128, "scheme": quantization["scheme"]}
+    int4, int4_head4 = graphs["int4"]["quantization"], graphs["int4-head4"]["quantization"]
+    assert (int4["weights"], int4["block_size"], int4["projections"]) == ("int4", 32, 2 * 4 + 1)
+    assert int4["scheme"].startswith("int4, asymmetric blocks of 32 inputs per output, one float32 scale and one")
+    assert (int4["head"]["bits"], int4["head"]["block_size"]) == (8, 128)  # the defaults: an int8 lm_head
+    assert (int4_head4["head"]["bits"], int4_head4["head"]["block_size"]) == (4, 64)
     fast = graphs["int8-fast-prefill"]["quantization"]
     assert fast["projections"] == 2 * 4 + 1 and fast["prompt_steps"]["projections"] == 2 * 4
     assert fast["prompt_steps"]["op"] == "com.microsoft.DynamicQuantizeMatMul"
@@ -104,6 +117,8 @@ def test_validation_records_variant_tolerance_and_agreement(bundles: dict[str, P
         "int8": ("int8", 0.15),
         "int8-fast-prefill": ("int8", 0.15),
         "int8-block256": ("int8", 0.15),
+        "int4": ("int4", 0.4),
+        "int4-head4": ("int4", 0.4),
         "fp16": ("float16", 2e-2),
         "fp16-preallocated": ("float16", 2e-2),
     }
@@ -172,7 +187,9 @@ def test_fp32_greedy_equals_transformers(bundles: dict[str, Path], torch_model: 
     assert got == expected
 
 
-@pytest.mark.parametrize("variant", ["int8", "int8-fast-prefill", "int8-block256", "fp16", "fp16-preallocated"])
+@pytest.mark.parametrize(
+    "variant", ["int8", "int8-fast-prefill", "int8-block256", "int4", "int4-head4", "fp16", "fp16-preallocated"]
+)
 def test_reduced_precision_bundles_load_and_generate(bundles: dict[str, Path], torch_model: Any, variant: str) -> None:
     model = gpt2onnx.load(bundles[variant], provider="cpu")
     output = model.generate(input_ids=ROWS, max_new_tokens=5)
@@ -282,7 +299,16 @@ def test_gather_model_is_valid_onnx(axis: int) -> None:
         (["--quantize", "int8", "--dtype", "fp16"], "--quantize int8 applies to fp32 weights; drop --dtype fp16"),
         (["--quantize", "int8", "--no-optimize"], "--quantize int8 builds on the fused graph; drop --no-optimize"),
         (["--fast-prefill"], "--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8"),
-        (["--block-size", "64"], "--block-size sets the int8 blocks; add --quantize int8"),
+        (["--block-size", "64"], "--block-size sets the quantised weights' blocks; add --quantize int8 or int4"),
+        (["--head-bits", "4"], "--head-bits sets the lm_head's bits in an int4 graph; add --quantize int4"),
+        (
+            ["--quantize", "int8", "--head-bits", "4"],
+            "--head-bits sets the lm_head's bits in an int4 graph; add --quantize int4",
+        ),
+        (
+            ["--quantize", "int4", "--fast-prefill"],
+            "--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8",
+        ),
         (
             ["--kv-cache", "preallocated", "--no-optimize"],
             "--kv-cache preallocated needs the fused graph (GroupQueryAttention); drop --no-optimize",
@@ -309,6 +335,8 @@ def _export_options(flags: list[str]) -> dict[str, Any]:
         options["kv_cache"] = flags[flags.index("--kv-cache") + 1]
     if "--block-size" in flags:
         options["block_size"] = int(flags[flags.index("--block-size") + 1])
+    if "--head-bits" in flags:
+        options["head_bits"] = int(flags[flags.index("--head-bits") + 1])
     return options
 
 
