@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                          # every variant: about 20 min on 2 cores (+ setup)
     python benchmarks/quality.py --systems gpt2onnx-int8 gpt2onnx-int4 llamacpp-q4_0
+    python benchmarks/quality.py --update --systems gpt2onnx-int8-fast-prefill   # re-measure rows of the page
     python benchmarks/quality.py --speed benchmarks/results.json   # the speed columns' source (default)
     python benchmarks/quality.py --smoke --work /tmp/quality       # tiny model, this environment's variants
 
@@ -159,6 +160,17 @@ def compare(logits: np.ndarray, reference: np.ndarray, targets: np.ndarray) -> d
     }
 
 
+def updated_rows(previous: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of a previous page with these in place of theirs, in VARIANTS' order (quality.py --update)."""
+    if not previous.is_file():
+        raise SystemExit(f"--update needs an earlier page's {previous}; run quality.py without it first")
+    page = json.loads(previous.read_text("utf-8"))
+    merged = {row["key"]: {"measured_at": page["meta"]["date"], **row} for row in page["rows"]}
+    merged.update((row["key"], row) for row in rows)
+    order = [variant.system.key for variant in VARIANTS]
+    return sorted(merged.values(), key=lambda row: order.index(row["key"]))
+
+
 def floors_cell(bits: int | None, figures: dict[str, float]) -> str:
     """Whether a quantised row meets the floors of its bit width (export/validate.py's FLOORS)."""
     floors = FLOORS.get(f"int{bits}") if bits else None
@@ -248,6 +260,14 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], speed_note: str) 
         "",
         *lines,
     ]
+    earlier = sorted({row["measured_at"] for row in rows if row.get("measured_at", meta["date"]) != meta["date"]})
+    if earlier:
+        now = [row["title"] for row in rows if row.get("measured_at", meta["date"]) == meta["date"]]
+        text += [
+            "",
+            f"Re-measured by this command (`--update`): {', '.join(now)}; the other rows are from "
+            f"{', '.join(earlier)}, with the same checkpoint and text.",
+        ]
     if notes:
         text += ["", "Notes:", "", *(f"{index}. {note}" for index, note in enumerate(notes, 1))]
     return "\n".join(text) + "\n"
@@ -259,6 +279,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     keys = [variant.system.key for variant in VARIANTS]
     parser.add_argument("--systems", nargs="+", choices=keys, metavar="KEY", help=f"variants: {', '.join(keys)}")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="re-measure only --systems and keep the other rows of the existing page (its .json), each with its date",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, 128 tokens, this environment's variants")
     parser.add_argument("--speed", type=Path, help="run.py results (default benchmarks/results.json; smoke: none)")
     parser.add_argument("--out", type=Path, help="the page (default benchmarks/quality_results.md; smoke: WORK/)")
@@ -303,9 +328,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         log("  " + ", ".join(f"{name} {value:.4g}" for name, value in row["figures"].items()))
         rows.append(row)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    for row in rows:
+        row.update(measured_at=date, command=command)
+    if args.update:
+        rows = updated_rows(out.with_suffix(".json"), rows)
     meta = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": date,
+        "command": command,
         "machine": machine(),
         "shape": shape.name,
         "positions": len(targets),

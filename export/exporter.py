@@ -215,7 +215,7 @@ def _quantization_record(
     if "DynamicQuantizeMatMul" in ops:
         record["prompt_steps"] = {
             "when": "a step of more than one token (prompts); single-token steps use the blocks above",
-            "scheme": "symmetric int8, one float32 scale per output column",
+            "scheme": "symmetric int8 holding 7-bit levels (-63..63), one float32 scale per output column",
             "activations": "int8, quantised per tensor at run time",
             "op": "com.microsoft.DynamicQuantizeMatMul",
             "projections": ops.count("DynamicQuantizeMatMul"),

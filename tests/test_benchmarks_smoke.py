@@ -97,3 +97,12 @@ def test_smoke_quality_writes_a_table(tmp_path: Path) -> None:
     assert len({line.replace("\\|", "").count("|") for line in table}) == 1, "every row has the header's cells"
     assert [line.split("|")[1].strip() for line in table[2:]] == [row["title"] for row in rows.values()]
     assert table[3].split("|")[7].strip() in ("meets", "misses top-1", "misses KL", "misses top-1 and KL")
+
+    # --update re-measures the rows asked for and keeps the others, saying which run each comes from.
+    update = [*command, "--out", str(out), "--update", "--systems", "gpt2onnx-int4"]
+    done = subprocess.run(update, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    updated = json.loads(out.with_suffix(".json").read_text("utf-8"))["rows"]
+    assert [row["key"] for row in updated] == list(rows)
+    assert updated[1]["measured_at"] == rows["gpt2onnx-int8"]["measured_at"] != updated[2]["measured_at"]
+    assert "Re-measured by this command (`--update`): gpt2-onnx fp32, gpt2-onnx int4;" in out.read_text("utf-8")
