@@ -242,7 +242,7 @@ class Workspace:
         """optimum's export (int8, int4: ORT-optimised and quantised) with a genai_config.json that names its io.
 
         onnxruntime-genai's builder refuses GPT2LMHeadModel and its own "gpt2" type expects an older past layout;
-        its "llama" type runs this graph when told the io names (see shared/notes/peer-baselines.md).
+        its "llama" type runs this graph when told the io names (genai_config below).
         """
         export = self.optimum_export()
         source = export / "model.onnx"
