@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from worker import open_llama
 
 
 def gpt2onnx_greedy(spec: dict[str, Any]) -> list[int]:
@@ -67,17 +68,7 @@ def onnx_graph_logits(spec: dict[str, Any]) -> Iterator[np.ndarray]:
 
 
 def _llama(spec: dict[str, Any], logits_all: bool) -> Any:
-    from llama_cpp import Llama
-
-    return Llama(
-        model_path=spec["model"],
-        n_ctx=1024,
-        n_batch=512,
-        n_threads=spec["threads"],
-        n_threads_batch=spec["threads"],
-        logits_all=logits_all,
-        verbose=False,
-    )
+    return open_llama(spec["model"], spec["threads"], logits_all)
 
 
 def llama_cpp_greedy(spec: dict[str, Any]) -> list[int]:

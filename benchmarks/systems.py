@@ -431,6 +431,11 @@ SYSTEMS = (
         lambda ws: Ready(ws.venv(OPTIMUM_VENV), "optimum", str(ws.optimum_export())),
     ),
     System(
+        "gpt2onnx-optimum-graph",
+        "gpt2-onnx runtime on optimum's fp32 graph",
+        lambda ws: Ready(in_this_env("gpt2onnx", "onnxruntime"), "gpt2onnx", str(ws.optimum_export())),
+    ),
+    System(
         "ct2-fp32",
         "CTranslate2 float32",
         lambda ws: Ready(ws.venv(CT2_VENV), "ctranslate2", str(ws.ct2_model("float32")), {"compute_type": "float32"}),

@@ -166,6 +166,21 @@ class GenAI(Adapter):
         return len(generator.get_sequence(0)) - len(ids)
 
 
+def open_llama(model_path: str, threads: int, logits_all: bool = False) -> Any:
+    """llama-cpp-python's Llama over a GGUF, as every llama.cpp row runs it (GPT-2's context, these threads)."""
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=model_path,
+        n_ctx=1024,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        verbose=False,
+    )
+
+
 class LlamaCpp(Adapter):
     """llama.cpp through llama-cpp-python's Llama.generate: its sampler chain, one token per llama_decode call.
 
@@ -176,16 +191,7 @@ class LlamaCpp(Adapter):
     modes = ("greedy", "sample")
 
     def load(self) -> None:
-        from llama_cpp import Llama
-
-        self.llm = Llama(
-            model_path=self.model_path,
-            n_ctx=1024,
-            n_batch=512,
-            n_threads=self.threads,
-            n_threads_batch=self.threads,
-            verbose=False,
-        )
+        self.llm = open_llama(self.model_path, self.threads)
 
     def generate(self, ids: list[int], new_tokens: int, mode: str) -> int:
         options: dict[str, Any] = {"temp": 0.0}  # greedy

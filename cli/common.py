@@ -34,7 +34,13 @@ def add_bundle_arguments(parser: argparse.ArgumentParser, runtime: Any, threads_
     parser.add_argument(
         "--model",
         help=f"bundle folder (default: {DEFAULT_BUNDLE}, else the only bundle under {MODELS_FOLDER}/, as export-gpt2 "
-        "writes them)",
+        "writes them), or a GPT-2 ONNX folder made by optimum or for transformers.js, as it is",
+    )
+    parser.add_argument(
+        "--onnx-file",
+        metavar="NAME",
+        help="the graph to run in an optimum or transformers.js folder (e.g. onnx/model_quantized.onnx; default "
+        "model.onnx, else decoder_model_merged.onnx)",
     )
     runtime.add_argument("--provider", choices=PROVIDERS, default="auto", help="execution provider")
     runtime.add_argument("--threads", type=positive_int, help=threads_help)
@@ -65,7 +71,9 @@ def load_bundle(args: argparse.Namespace, threads: int | None, prog: str) -> Any
     import gpt2onnx
 
     folder = args.model if args.model is not None else default_bundle(prog)
-    return gpt2onnx.load(folder, provider=args.provider, verify_hashes=not args.no_verify, threads=threads)
+    return gpt2onnx.load(
+        folder, provider=args.provider, verify_hashes=not args.no_verify, threads=threads, onnx_file=args.onnx_file
+    )
 
 
 def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:

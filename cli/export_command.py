@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from gpt2onnx import __version__
 from gpt2onnx.export.graph import DEFAULT_HEAD_BITS, HEAD_BITS, QUANT_BITS, QUANT_BLOCK, QUANT_BLOCK_INT4, QUANT_BLOCKS
@@ -95,6 +96,18 @@ def build_parser() -> ArgumentParser:
         "for --random-init, or a folder without one whose vocabulary is GPT-2's: the shipped GPT-2 tokenizer)",
     )
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
+    parser.add_argument(
+        "--from-onnx",
+        metavar="FOLDER",
+        help="import a GPT-2 ONNX export made by optimum or for transformers.js (config.json and model.onnx or "
+        "onnx/*.onnx) into a verified bundle, as it is and without torch (default --output: models/<folder name>)",
+    )
+    parser.add_argument(
+        "--onnx-file",
+        metavar="NAME",
+        help="with --from-onnx: the graph to import (e.g. onnx/model_quantized.onnx; default model.onnx, else "
+        "decoder_model_merged.onnx)",
+    )
     parser.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     parser.add_argument("--quiet", action="store_true", help="do not print progress")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -106,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.from_onnx is not None:
+            return import_body()
+        if args.onnx_file is not None:
+            parser.error("--onnx-file needs --from-onnx")
         from gpt2onnx.export.exporter import Progress, export_bundle
 
         output = export_bundle(
@@ -128,6 +145,24 @@ def main(argv: list[str] | None = None) -> int:
             progress=Progress(enabled=not args.quiet),
         )
         print(output)
+        return 0
+
+    def import_body() -> int:
+        from gpt2onnx.export.exporter import Progress
+        from gpt2onnx.export.onnx_import import import_onnx_folder
+
+        checkpoint_flags = ["--model", "--random-init", "--quantize", "--tokenizer", "--revision", "--outliers"]
+        checkpoint_flags += ["--block-size", "--head-bits", "--fast-prefill"]
+        given = [flag for flag in checkpoint_flags if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
+        given += ["--dtype"] if args.dtype != "fp32" else []
+        given += ["--no-optimize"] if not args.optimize else []
+        given += ["--kv-cache"] if args.kv_cache != "auto" else []
+        given += ["--no-outlier-channels"] if not args.isolate_outliers else []
+        if given:
+            parser.error(f"{given[0]} is for checkpoints; --from-onnx imports a graph as it is")
+        output = args.output or f"models/{Path(args.from_onnx.rstrip('/')).name}"
+        progress = Progress(enabled=not args.quiet)
+        print(import_onnx_folder(args.from_onnx, output, args.onnx_file, force=args.force, progress=progress))
         return 0
 
     return run_command(PROG, body)

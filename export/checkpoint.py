@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from gpt2onnx.runtime.errors import ExportError, InvalidInputError
+from gpt2onnx.runtime.options import GENERATION_DEFAULT_KEYS
 
 from .graph import ACTIVATIONS, GPT2Spec
 from .hub import hub_endpoint, hub_offline_by_choice, hub_reachable
@@ -24,21 +25,6 @@ RANDOM_SHAPES = {
     "small": {"n_layer": 12, "n_head": 12, "n_embd": 768},
     "medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
 }
-# Generation options a checkpoint's generation_config may set that gpt2onnx honours as defaults.
-GENERATION_DEFAULT_KEYS = (
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "typical_p",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "num_beams",
-    "length_penalty",
-    "early_stopping",
-    "max_new_tokens",
-    "min_new_tokens",
-)
 
 
 @dataclass

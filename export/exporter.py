@@ -27,6 +27,7 @@ from .graph import (
     QUANT_BLOCK_INT4,
     QUANT_BLOCKS,
     build_graph,
+    head_block_size,
 )
 from .sources import (
     TokenizerChoice,
@@ -195,7 +196,7 @@ def _quantization_record(
     """What bundle.json says about quantised weights."""
     ops = [node.op_type for node in _nodes(model_proto.graph)]
     bits = QUANT_BITS[quantize]
-    head_block = block_size if head_bits == bits else QUANT_BLOCK
+    head_block = head_block_size(bits, head_bits, block_size)
     record = {
         "weights": quantize,
         "scheme": _scheme(bits, block_size),

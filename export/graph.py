@@ -90,6 +90,12 @@ class GPT2Spec:
         return scale / (layer + 1) if self.scale_attn_by_inverse_layer_idx else scale
 
 
+def head_block_size(bits: int, head_bits: int, block_size: int) -> int:
+    """The block size of the lm_head and token embedding: the projections' when they have the same bits; an 8-bit
+    head in a 4-bit graph takes int8's default blocks (finer ones cost time and add no precision there)."""
+    return block_size if head_bits == bits else QUANT_BLOCK
+
+
 class _Builder:
     """Accumulates nodes and initializers with unique names."""
 
@@ -106,8 +112,7 @@ class _Builder:
         self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
         self.bits = bits  # weights of the projections: None (float), 8 or 4 bits (MatMulNBits)
         self.head_bits = head_bits or bits  # the lm_head's and token embedding's
-        # An 8-bit head in a 4-bit graph takes int8's default blocks: finer ones cost time and add no precision there.
-        self.head_block = block_size if self.head_bits == bits else QUANT_BLOCK
+        self.head_block = head_block_size(bits, self.head_bits, block_size) if bits else block_size
         self.block_size = block_size
         self.outliers = outliers or {}  # weight name -> input channels multiplied in float (export/calibrate.py)
         self.int8_columns = False  # int8 projections as DynamicQuantizeMatMul (inside the prefill branch)

@@ -344,7 +344,9 @@ class _Growing(_Store):
         self._wrap(arrays)
 
     def shrink(self, count: int) -> None:
-        if self.cache is not None:
+        if not count:  # empty: the next row to join starts the width again (from its own length)
+            self.cache = None
+        elif self.cache is not None:
             self._wrap([np.ascontiguousarray(array[:count]) for array in self._arrays()])
 
     def compact(self, valid: np.ndarray, width: int) -> None:

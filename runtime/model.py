@@ -3,6 +3,7 @@ probabilities. Every decoding call here is a short driver of runtime/generator.p
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import numpy as np
 from .bundle import Manifest, check_hashes, read_manifest
 from .errors import BundleError, InvalidInputError, counted
 from .generator import Generator
+from .onnx_folder import is_onnx_folder, read_onnx_folder
 from .options import GenerationOptions
 from .outputs import GeneratedSequence, GenerationOutput, PromptResult, ScoreResult, Timing
 from .processors import LogitsProcessor, softmax
@@ -143,19 +145,26 @@ class GPT2Model:
         encoded = self.encode(prompt, input_ids)
         config = config.for_prompt(max(len(row) for row in encoded.rows))
         self.check_context(encoded.rows, config.max_new_tokens)
-        generator = self._generator(config, logits_processor, stopping_criteria)
-        start = time.perf_counter()
-        generator.append_tokens(encoded.rows)
-        while not generator.is_done():
-            generator.generate_next_token()
-        total_s = time.perf_counter() - start
-        continuations, steps = generator.continuations(), generator.steps
+        count = config.num_return_sequences
+        continuations: list[Continuation] = [None] * (len(encoded.rows) * count)  # type: ignore[list-item]
+        prefill_s = decode_s = 0.0
+        steps = 0
+        for group in self._step_groups(encoded.rows):
+            generator = self._generator(config, logits_processor, stopping_criteria)
+            start = time.perf_counter()
+            generator.append_tokens([encoded.rows[i] for i in group])
+            while not generator.is_done():
+                generator.generate_next_token()
+            decode_s += time.perf_counter() - start - generator.prefill_seconds
+            prefill_s, steps = prefill_s + generator.prefill_seconds, steps + max(0, generator.steps - 1)
+            produced = generator.continuations()
+            for k, at in enumerate(group):
+                continuations[at * count : (at + 1) * count] = produced[k * count : (k + 1) * count]
         timing = Timing(
-            prefill_ms=generator.prefill_seconds * 1000,
-            decode_ms_per_token=(total_s - generator.prefill_seconds) * 1000 / (steps - 1) if steps > 1 else 0.0,
+            prefill_ms=prefill_s * 1000,
+            decode_ms_per_token=decode_s * 1000 / steps if steps else 0.0,
             tokens_generated=sum(len(item.tokens) for item in continuations),
         )
-        count = config.num_return_sequences
         results = [
             PromptResult(
                 text, row, [self._sequence(row, item, config) for item in continuations[i * count : (i + 1) * count]]
@@ -163,6 +172,16 @@ class GPT2Model:
             for i, (text, row) in enumerate(zip(encoded.prompts, encoded.rows, strict=True))
         ]
         return GenerationOutput(results, timing)
+
+    def _step_groups(self, rows: list[list[int]]) -> list[list[int]]:
+        """The prompts that run together: all of them, or, for a graph without position_ids (which numbers positions
+        by column and so cannot take left padding), those of each length."""
+        if self.session.interface.position_ids:
+            return [list(range(len(rows)))]
+        groups: dict[int, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(len(row), []).append(index)
+        return list(groups.values())
 
     def stream(
         self,
@@ -282,12 +301,29 @@ class GPT2Model:
         )
 
 
-def load(path: str | Path, provider: str = "auto", verify_hashes: bool = True, threads: int | None = None) -> GPT2Model:
-    """Load a bundle folder written by export-gpt2, checking its manifest, sizes and (by default) hashes.
+def load(
+    path: str | Path,
+    provider: str = "auto",
+    verify_hashes: bool = True,
+    threads: int | None = None,
+    onnx_file: str | None = None,
+) -> GPT2Model:
+    """Load a bundle folder written by export-gpt2, checking its manifest, sizes and (by default) hashes; or a GPT-2
+    ONNX export made elsewhere (an optimum or transformers.js folder), as it is.
 
     provider: 'auto' (CUDA when usable, else CPU), 'cpu' or 'cuda' (an error if CUDA cannot be used).
     verify_hashes=False skips the sha256 check of the files (sizes are still checked).
+    onnx_file: which graph of an optimum or transformers.js folder to run (e.g. 'onnx/model_quantized.onnx'; default
+    model.onnx, else decoder_model_merged.onnx).
     """
+    if is_onnx_folder(Path(path)):
+        return _open(read_onnx_folder(path, onnx_file), provider, threads)
+    if onnx_file is not None:
+        raise InvalidInputError(
+            f"{path} is not an optimum or transformers.js folder (config.json and a graph): onnx_file picks a graph "
+            "of those only",
+            option="onnx_file",
+        )
     manifest = read_manifest(path, verify_hashes=False)
     if not verify_hashes:
         return _open(manifest, provider, threads)
@@ -313,4 +349,6 @@ def _open(manifest: Manifest, provider: str, threads: int | None) -> GPT2Model:
                 f"more than the model's vocabulary of {manifest.architecture.vocab_size}"
             )
     session = DecoderSession(manifest, provider=provider, intra_op_threads=threads)
+    if session.interface.past_dtype != manifest.dtype:  # a folder made elsewhere: its graph tells
+        manifest = dataclasses.replace(manifest, dtype=session.interface.past_dtype)
     return GPT2Model(manifest, session, tokenizer)

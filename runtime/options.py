@@ -11,6 +11,21 @@ from typing import Any
 
 from .errors import InvalidInputError, counted
 
+# Generation options a checkpoint's generation_config may set that gpt2onnx honours as defaults.
+GENERATION_DEFAULT_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "max_new_tokens",
+    "min_new_tokens",
+)
 EARLY_STOPPING_VALUES = (True, False, "never")
 
 

@@ -9,6 +9,8 @@ The session picks its cache kind once (runtime/cache.py) and the step function t
 - device (a growing cache on CUDA): the step runs through an IO binding: new tokens, mask and positions are bound
   from host memory, the logits come back to host memory, and the present key/values stay on the device as OrtValues
   that are bound as the next step's past as they are, and reordered for beams on the device.
+The inputs fed are those the graph takes (runtime/interface.py): graphs made elsewhere may lack position_ids and
+logits_to_keep, or add a merged decoder's use_cache_branch.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from . import bundle
 from ._ort import ort
 from .bundle import Manifest
 from .cache import DeviceCache, DeviceGather, HostCache, KVCache, PreallocatedCache
-from .errors import BundleError, ProviderError
+from .errors import BundleError, InvalidInputError, ProviderError
+from .interface import inspect_graph
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
@@ -120,8 +123,13 @@ class DecoderSession:
             providers[0] = (PROVIDERS["cuda"], CUDA_OPTIONS)
         self.session = self._create_session(provider, providers, session_options(intra_op_threads))
         self.provider = "cuda" if PROVIDERS["cuda"] in self.session.get_providers() else "cpu"
-        self._check_io_names()
-        self.kv_dtype = np.float16 if manifest.dtype == "float16" else np.float32
+        where = f"bundle {manifest.folder}: {manifest.model_path.name}"
+        self.interface = inspect_graph(self.session.get_inputs(), self.session.get_outputs(), self.architecture, where)
+        names, self._output_names = bundle.io_names(self.architecture.n_layer)
+        self._past_names, self._present_names = names[4:], self._output_names[1:]
+        self._feed_names = self.interface.input_names()  # the inputs before the past
+        self._input_names = self._feed_names + self._past_names
+        self.kv_dtype = np.float16 if self.interface.past_dtype == "float16" else np.float32
         device_cache = self.provider == "cuda" if device_cache is None else device_cache
         self.cache_kind = "preallocated" if self.preallocated else "device" if device_cache else "host"
         # Rows of one step may hold different numbers of positions (each row's keys end at its mask's last 1).
@@ -157,21 +165,6 @@ class DecoderSession:
             warnings.warn("the CUDA provider could not be initialised; running on the CPU", stacklevel=3)
         return session
 
-    def _check_io_names(self) -> None:
-        expected_inputs, expected_outputs = bundle.io_names(self.architecture.n_layer)
-        inputs = {node.name for node in self.session.get_inputs()}
-        outputs = {node.name for node in self.session.get_outputs()}
-        missing = [name for name in expected_inputs if name not in inputs] + [
-            name for name in expected_outputs if name not in outputs
-        ]
-        if missing:
-            raise BundleError(
-                f"bundle {self.manifest.folder}: {self.manifest.model_path.name} "
-                f"lacks the graph input/output {missing[0]}"
-            )
-        self._input_names, self._output_names = expected_inputs, expected_outputs
-        self._past_names, self._present_names = expected_inputs[4:], expected_outputs[1:]
-
     def empty_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
         """The cache before the first step, of this session's kind; a preallocated one holds `capacity` positions
         (default: the context) and grows when a step needs more."""
@@ -195,13 +188,34 @@ class DecoderSession:
     ) -> tuple[np.ndarray, KVCache]:
         """One step: logits [batch, kept, vocab] of the last `logits_to_keep` positions (0 = all), and the new past
         (a preallocated cache is updated in place and returned)."""
-        inputs = [
-            np.ascontiguousarray(input_ids, dtype=np.int64),
-            np.ascontiguousarray(attention_mask, dtype=np.int64),
-            np.ascontiguousarray(position_ids, dtype=np.int64),
-            np.array(logits_to_keep, dtype=np.int64),
-        ]
-        return self._step(inputs, logits_to_keep, past)
+        interface = self.interface
+        inputs = [np.ascontiguousarray(input_ids, dtype=np.int64), np.ascontiguousarray(attention_mask, dtype=np.int64)]
+        past_length = inputs[1].shape[1] - inputs[0].shape[1]
+        if interface.position_ids:
+            inputs.append(np.ascontiguousarray(position_ids, dtype=np.int64))
+        else:
+            self._check_column_positions(inputs[1], position_ids, past_length)
+        if interface.logits_to_keep:
+            inputs.append(np.array(logits_to_keep, dtype=np.int64))
+        if interface.use_cache_branch:
+            inputs.append(np.array([past_length > 0]))
+        logits, present = self._step(inputs, logits_to_keep, past)
+        if not interface.logits_to_keep and 0 < logits_to_keep < logits.shape[1]:
+            logits = logits[:, -logits_to_keep:]
+        if logits.dtype != np.float32:
+            logits = logits.astype(np.float32)
+        return logits, present
+
+    def _check_column_positions(self, mask: np.ndarray, positions: np.ndarray, past_length: int) -> None:
+        """A graph without position_ids numbers each new token by its column (past + j, as transformers does without
+        position_ids): refuse positions that differ from that (left-padded rows) rather than compute wrong ones."""
+        columns = past_length + np.arange(positions.shape[1])
+        attended = mask[:, past_length:] == 1
+        if np.any(attended & (positions != columns)):
+            raise InvalidInputError(
+                f"{self.manifest.model_path.name} takes no position_ids, so rows of different lengths (left padding) "
+                "cannot share a step: give prompts of one length, or one prompt at a time"
+            )
 
     def _step_host(
         self, inputs: list[np.ndarray], logits_to_keep: int, past: HostCache
@@ -217,7 +231,7 @@ class DecoderSession:
         self, inputs: list[np.ndarray], logits_to_keep: int, past: DeviceCache
     ) -> tuple[np.ndarray, DeviceCache]:
         binding = self.session.io_binding()
-        for name, array in zip(self._input_names[:4], inputs, strict=True):
+        for name, array in zip(self._feed_names, inputs, strict=True):
             binding.bind_cpu_input(name, array)
         for name, tensor in zip(self._past_names, past.tensors, strict=True):
             if isinstance(tensor, np.ndarray):
@@ -247,7 +261,7 @@ class DecoderSession:
                 value = ort.OrtValue.ortvalue_from_numpy(buffer)
                 binding.bind_ortvalue_input(past_name, value)
                 binding.bind_ortvalue_output(present_name, value)
-        for name, array in zip(self._input_names[:4], inputs, strict=True):
+        for name, array in zip(self._feed_names, inputs, strict=True):
             binding.bind_cpu_input(name, array)
         # The logits go straight into a new array of this step's shape (reading them back through get_outputs()
         # would wrap all 2 * n_layer + 1 outputs, ~23 us a step).

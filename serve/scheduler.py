@@ -91,6 +91,9 @@ class Scheduler:
         # copy of itself, so that its answer is the same whatever else is in the batch.
         lone_copy = model.manifest.quantized and max_batch >= 2
         self.batch = DecodeBatch(model.session, max_batch, min_rows=2 if lone_copy else 1)
+        # A graph without position_ids numbers positions by column: requests of different lengths cannot share a
+        # step, so such a graph decodes one request (its n rows) at a time.
+        self._requests_share_steps = model.session.interface.position_ids
         self.metrics = Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: dict[int, Job] = {}
@@ -117,12 +120,16 @@ class Scheduler:
 
     def _room_now(self) -> int:
         """How many of the waiting requests can start at the next step (they are not queued behind others)."""
+        if not self._requests_share_steps and (self.batch.rows or self._starting):
+            return 0
         free, count = self.batch.free - self._starting, 0
         for job in self._waiting:
             if job.rows > free:
                 break
             free -= job.rows
             count += 1
+            if not self._requests_share_steps:
+                break
         return count
 
     def snapshot(self) -> dict[str, Any]:
@@ -185,7 +192,9 @@ class Scheduler:
     def _admit(self) -> None:
         """Start the waiting requests that fit: prefill, first token, then join the batch. While rows are decoding,
         one request per step: each prefill delays the running rows' next token (it runs between two steps)."""
-        limit = 1 if self.batch.rows else self.max_batch
+        if not self._requests_share_steps and self.batch.rows:
+            return
+        limit = 1 if self.batch.rows or not self._requests_share_steps else self.max_batch
         for _ in range(limit):
             with self._lock:
                 if not self._waiting or self._waiting[0].rows > self.batch.free:

@@ -92,6 +92,20 @@ def test_generators_joining_at_different_steps_give_what_they_give_alone(models:
     assert results == expected
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_batch_that_emptied_takes_a_shorter_request(models: dict, layout: str) -> None:
+    """The batch empties between two requests (a quiet server), and the second one's prompt is shorter."""
+    kind, ragged = LAYOUTS[layout]
+    model = models[kind]
+    batch = DecodeBatch(model.session, max_rows=4, ragged=ragged)
+    for rows, options in (REQUESTS[0], REQUESTS[1]):
+        generator = started(model, rows, options)
+        batch.join(generator)
+        while batch.rows:
+            batch.step()
+        assert [generator.get_sequence(i).tolist() for i in range(generator.rows)] == alone(model, rows, options)
+
+
 @pytest.mark.parametrize("layout", ["aligned", "host"])
 def test_an_aligned_batch_reaching_the_context_packs_its_columns(models: dict, layout: str, monkeypatch) -> None:
     """Rows join over many steps and never all leave at once, so the aligned batch grows wider than any row; at the

@@ -117,7 +117,7 @@ CASES: list[tuple[Damage, str]] = [
     (drop_architecture_field, "lacks 'architecture.n_head'"),
     (unlisted_model_file, "does not list the file model.onnx"),
     (eos_outside_vocabulary, "special_tokens.eos_token_id is not a token id of this model"),
-    (rename_a_graph_input, "lacks the graph input/output input_ids"),
+    (rename_a_graph_input, "model.onnx is not a GPT-2 decoder: it has no input_ids input"),
     (model_file_not_onnx, "onnxruntime cannot load model.onnx"),
     (model_file_replaced, "file model.onnx does not match its sha256"),  # the cause, not the loader's complaint
     (oversized_tokenizer, "the tokenizer has 50257 tokens, more than the model's vocabulary of 1000"),
