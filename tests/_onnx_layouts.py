@@ -7,7 +7,8 @@
 - merged: a merged decoder as optimum used to write it, an If on a bool use_cache_branch [1] between the graph with
   past and a copy whose past is cut to length 0 (so feeding the wrong flag changes the answer).
 - transformers_js: the repository layout, graphs under onnx/, with model_quantized.onnx quantised by onnxruntime's
-  dynamic quantiser as transformers.js's scripts/quantize.py does it.
+  dynamic quantiser as transformers.js's scripts/quantize.py does it, and model_fp16.onnx converted by
+  onnxconverter-common's float16 converter (float16 weights, inputs, outputs and past).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import onnx
@@ -141,9 +143,24 @@ def merged(graph: Path, output: Path) -> Path:
     return output
 
 
+def float16_graph(graph: Path, output: Path) -> Path:
+    """The graph in float16 throughout, its past and logits included (keep_io_types=False, as transformers.js's
+    fp16 graphs are); the converter leaves Cast nodes casting to float32, which are turned to float16 too."""
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(str(graph)), keep_io_types=False)
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT:
+                attribute.i = TensorProto.FLOAT16
+    onnx.save(model, str(output))
+    return output
+
+
 def transformers_js(export: Path, output: Path) -> Path:
     """The transformers.js layout of an optimum export: side files on top; onnx/model.onnx,
-    onnx/model_quantized.onnx (dynamic uint8 weights) and onnx/decoder_model_merged.onnx without position_ids."""
+    onnx/model_quantized.onnx (dynamic uint8 weights), onnx/model_fp16.onnx and onnx/decoder_model_merged.onnx
+    without position_ids."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     copy_side_files(export, output)
@@ -156,6 +173,9 @@ def transformers_js(export: Path, output: Path) -> Path:
         weight_type=QuantType.QUInt8,
         extra_options={"EnableSubgraph": True},
     )
+    with warnings.catch_warnings():  # the converter warns of every weight it rounds
+        warnings.simplefilter("ignore")
+        float16_graph(export / "model.onnx", graphs / "model_fp16.onnx")
     legacy = without_position_ids(export / "model.onnx", output / "legacy.onnx")
     merged(legacy, graphs / "decoder_model_merged.onnx")
     legacy.unlink()

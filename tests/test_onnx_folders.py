@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -64,6 +65,7 @@ def folders(optimum_folder: Path) -> dict[str, tuple[Path, str | None]]:
     return {
         "optimum": (optimum_folder, None),
         "transformers.js": (tjs, None),
+        "fp16": (tjs, "model_fp16.onnx"),
         "merged-without-positions": (tjs, "decoder_model_merged.onnx"),
         "without-positions": (legacy, None),
     }
@@ -72,6 +74,7 @@ def folders(optimum_folder: Path) -> dict[str, tuple[Path, str | None]]:
 INTERFACES = {
     "optimum": {"position_ids": True, "use_cache_branch": False},
     "transformers.js": {"position_ids": True, "use_cache_branch": False},
+    "fp16": {"position_ids": True, "use_cache_branch": False, "past_dtype": "float16"},
     "merged-without-positions": {"position_ids": False, "use_cache_branch": True},
     "without-positions": {"position_ids": False, "use_cache_branch": False},
 }
@@ -81,12 +84,15 @@ INTERFACES = {
 def test_interface_found_in_the_graph(folders, layout: str) -> None:
     folder, onnx_file = folders[layout]
     interface = gpt2onnx.load(folder, onnx_file=onnx_file).session.interface
-    assert not interface.logits_to_keep and interface.past_dtype == "float32"
-    assert {key: getattr(interface, key) for key in INTERFACES[layout]} == INTERFACES[layout]
+    expected = {"logits_to_keep": False, "past_dtype": "float32", **INTERFACES[layout]}
+    assert {key: getattr(interface, key) for key in expected} == expected
+
+
+FLOAT32_LAYOUTS = [layout for layout in INTERFACES if layout != "fp16"]
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-@pytest.mark.parametrize("layout", list(INTERFACES))
+@pytest.mark.parametrize("layout", FLOAT32_LAYOUTS)
 def test_left_padded_batches_match_transformers(folders, torch_model, layout: str, num_beams: int) -> None:
     folder, onnx_file = folders[layout]
     model = gpt2onnx.load(folder, onnx_file=onnx_file)
@@ -101,13 +107,31 @@ def test_sampling_and_streaming_equal_our_own_export(folders, checkpoint: Path) 
     from gpt2onnx.export.exporter import export_bundle
 
     ours = gpt2onnx.load(export_bundle(str(checkpoint), checkpoint.parent / "ours", kv_cache="growing"))
-    for folder, onnx_file in folders.values():
+    for layout in FLOAT32_LAYOUTS:
+        folder, onnx_file = folders[layout]
         model = gpt2onnx.load(folder, onnx_file=onnx_file)
         sampled = model.generate("The weather", max_new_tokens=12, do_sample=True, top_k=20, seed=7)
         expected = ours.generate("The weather", max_new_tokens=12, do_sample=True, top_k=20, seed=7)
         assert sampled.results[0].sequences[0].token_ids == expected.results[0].sequences[0].token_ids
         streamed = "".join(model.stream("The weather", max_new_tokens=12))
         assert streamed == model.generate("The weather", max_new_tokens=12).results[0].sequences[0].generated_text
+
+
+def test_float16_graph_is_within_float16_rounding_of_transformers(folders, torch_model) -> None:
+    """A float16 past and float16 logits: the logits of a left-padded batch within the fp16 export tolerance (2e-2
+    relative), and every decoding mode runs on it."""
+    from reference import reference_padded_logits
+
+    folder, onnx_file = folders["fp16"]
+    model = gpt2onnx.load(folder, onnx_file=onnx_file)
+    assert model.manifest.dtype == "float16"
+    generator = model.generator(max_new_tokens=1)
+    generator.append_tokens(PROMPTS)
+    expected = reference_padded_logits(torch_model, PROMPTS, EOS)[:, -1]
+    difference = np.abs(generator.get_logits() - expected).max()
+    assert difference <= 2e-2 * max(1.0, np.abs(expected).max()), difference
+    for options in ({}, {"num_beams": 3}, {"do_sample": True, "seed": 1}):
+        assert all(r.sequences[0].generated_token_ids for r in model.generate(input_ids=PROMPTS, **options).results)
 
 
 def test_a_graph_without_position_ids_refuses_padded_rows_in_one_step(folders) -> None:
