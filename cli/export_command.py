@@ -10,7 +10,7 @@ from gpt2onnx import __version__
 from gpt2onnx.export.graph import DEFAULT_HEAD_BITS, HEAD_BITS, QUANT_BITS, QUANT_BLOCK, QUANT_BLOCK_INT4, QUANT_BLOCKS
 from gpt2onnx.runtime.bundle import KV_CACHES
 
-from .common import ArgumentParser, non_negative_int, run_command
+from .common import ArgumentParser, non_negative_int, option_flags, run_command
 
 PROG = "export-gpt2"
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(import_onnx_folder(args.from_onnx, output, args.onnx_file, force=args.force, progress=progress))
         return 0
 
-    return run_command(PROG, body)
+    return run_command(PROG, body, option_flags(parser))
 
 
 if __name__ == "__main__":

@@ -175,7 +175,8 @@ class GPT2Model:
 
     def _step_groups(self, rows: list[list[int]]) -> list[list[int]]:
         """The prompts that run together: all of them, or, for a graph without position_ids (which numbers positions
-        by column and so cannot take left padding), those of each length."""
+        by column and so cannot take left padding), those of each length; each group is a Generator of its own, so
+        seeded sampling draws each group's random stream from the seed."""
         if self.session.interface.position_ids:
             return [list(range(len(rows)))]
         groups: dict[int, list[int]] = {}

@@ -123,7 +123,8 @@ class DecoderSession:
             providers[0] = (PROVIDERS["cuda"], CUDA_OPTIONS)
         self.session = self._create_session(provider, providers, session_options(intra_op_threads))
         self.provider = "cuda" if PROVIDERS["cuda"] in self.session.get_providers() else "cpu"
-        where = f"bundle {manifest.folder}: {manifest.model_path.name}"
+        made_here = bool(manifest.data.get("files"))  # a bundle, not a folder made elsewhere (runtime/onnx_folder.py)
+        where = f"bundle {manifest.folder}: {manifest.model_path.name}" if made_here else str(manifest.model_path)
         self.interface = inspect_graph(self.session.get_inputs(), self.session.get_outputs(), self.architecture, where)
         names, self._output_names = bundle.io_names(self.architecture.n_layer)
         self._past_names, self._present_names = names[4:], self._output_names[1:]
@@ -213,8 +214,9 @@ class DecoderSession:
         attended = mask[:, past_length:] == 1
         if np.any(attended & (positions != columns)):
             raise InvalidInputError(
-                f"{self.manifest.model_path.name} takes no position_ids, so rows of different lengths (left padding) "
-                "cannot share a step: give prompts of one length, or one prompt at a time"
+                f"{self.manifest.model_path.name} takes no position_ids, so rows of different lengths cannot share a "
+                "step (prompts of different lengths, or rows that ended at different steps before more input): give "
+                "prompts of one length, one at a time, or use generate(), which groups them"
             )
 
     def _step_host(

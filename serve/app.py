@@ -155,6 +155,13 @@ def prepare(model: GPT2Model, parsed: CompletionRequest) -> list[list[int]]:
         model.check_context(rows, options.max_new_tokens)
     except InvalidInputError as error:
         raise RequestError(str(error), param="max_tokens", code="context_length_exceeded") from None
+    if not model.session.interface.position_ids and len({len(row) for row in rows}) > 1:
+        raise RequestError(
+            "this model's graph takes no position_ids, so the prompts of one request must have the same number of "
+            "tokens: send prompts of different lengths as separate requests",
+            param="prompt",
+            code="unsupported",
+        )
     return rows
 
 

@@ -16,6 +16,7 @@ from gpt2onnx.cli.common import (
     add_bundle_arguments,
     load_bundle,
     non_negative_int,
+    option_flags,
     positive_int,
     run_command,
 )
@@ -94,7 +95,8 @@ def special_token_texts(model) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     def body() -> int:
         try:
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.Server(config).run(sockets=[listener])
         return 0
 
-    return run_command(PROG, body)
+    return run_command(PROG, body, option_flags(parser))
 
 
 if __name__ == "__main__":

@@ -205,6 +205,30 @@ def test_onnx_file_choice_in_the_cli(folders, tmp_path: Path) -> None:
     assert code == 2 and err.strip().endswith("--onnx-file picks a graph of those only")
 
 
+def test_import_leaves_nothing_when_the_check_run_fails(folders, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A check run that fails (here: a tolerance no graph meets) after the copy began leaves no folder behind."""
+    from gpt2onnx.export import onnx_import
+
+    monkeypatch.setitem(onnx_import.CHECK_TOLERANCE, "float32", 0.0)
+    folder, _ = folders["optimum"]
+    assert export_command.main(["--from-onnx", str(folder), "--output", str(tmp_path / "out"), "--quiet"]) == 1
+    assert "the logits through the past differ from those of the whole text by" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_import_refuses_an_output_inside_the_folder_and_names_the_flag(folders, tmp_path: Path, capsys) -> None:
+    folder, _ = folders["transformers.js"]
+    assert export_command.main(["--from-onnx", str(folder), "--output", str(folder / "bundle"), "--quiet"]) == 2
+    assert "is the --from-onnx folder or inside it" in capsys.readouterr().err
+    several = tmp_path / "several"
+    copy_side_files(folder, several)
+    (several / "onnx").mkdir()
+    for name in ("model_quantized.onnx", "model_fp16.onnx"):
+        shutil.copy2(folder / "onnx" / name, several / "onnx" / name)
+    assert export_command.main(["--from-onnx", str(several), "--output", str(tmp_path / "b"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().endswith("pick one with --onnx-file")
+
+
 def _graph(path: Path, inputs: list, outputs: list[str], past_shape: list | None = None) -> None:
     """A stand-in graph: every output is input_ids cast to float (enough for the interface checks)."""
     values = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
@@ -251,7 +275,6 @@ def test_refusals_are_one_line_exit_2(optimum_folder: Path, tmp_path: Path, kind
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert export_command.main(["--from-onnx", str(folder), "--output", str(tmp_path / "out"), "--quiet"]) == 2
     assert expected in capsys.readouterr().err and not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.partial-*"))
 
 
 @pytest.mark.parametrize("layout", ["optimum", "without-positions"])
@@ -271,3 +294,9 @@ def test_server_runs_the_folder_with_the_same_answers(folders, tmp_path: Path, l
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             assert list(pool.map(complete, prompts)) == expected
+        response = server.complete(prompt=prompts[:2], max_tokens=4)  # one request, prompts of two lengths
+        if layout == "without-positions":
+            assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+            assert "takes no position_ids" in response.json()["error"]["message"]
+        else:
+            assert response.status_code == 200, response.text
