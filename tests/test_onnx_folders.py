@@ -134,6 +134,24 @@ def test_float16_graph_is_within_float16_rounding_of_transformers(folders, torch
         assert all(r.sequences[0].generated_token_ids for r in model.generate(input_ids=PROMPTS, **options).results)
 
 
+@pytest.mark.parametrize("layout", ["optimum", "merged-without-positions"])
+def test_perplexity_command_on_a_folder_equals_transformers(folders, checkpoint, layout: str, tmp_path: Path, capsys):
+    """gpt2-perplexity --model FOLDER --onnx-file NAME: a text longer than the context, by sliding windows, as
+    transformers' guide computes it."""
+    from gpt2onnx.cli import perplexity_command
+    from test_perplexity import guide_perplexity
+
+    folder, onnx_file = folders[layout]
+    tokenizer = gpt2onnx.load(folder, onnx_file=onnx_file).tokenizer
+    text = tokenizer.decode(list(range(300, 700)))  # about 400 tokens: longer than the checkpoint's context of 256
+    ids = tokenizer.encode(text)
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    argv = [str(tmp_path / "text.txt"), "--model", str(folder), "--stride", "128", "--json"]
+    assert perplexity_command.main(argv + (["--onnx-file", onnx_file] if onnx_file else [])) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["perplexity"] == pytest.approx(guide_perplexity(checkpoint, ids, 128), rel=1e-4)
+
+
 def test_a_graph_without_position_ids_refuses_padded_rows_in_one_step(folders) -> None:
     folder, _ = folders["without-positions"]
     generator = gpt2onnx.load(folder).generator(max_new_tokens=4)
