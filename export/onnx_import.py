@@ -58,7 +58,8 @@ def import_onnx_folder(
     check_output(output, force)
     with progress.step(f"reading {folder}"):
         manifest = read_onnx_folder(folder, onnx_file)
-        DecoderSession(manifest, provider="cpu")  # the graph's refusals, before anything is written
+        # The graph's refusals name the user's file, before anything is written; the check run below opens the copy.
+        DecoderSession(manifest, provider="cpu")
     staging = _make_staging(output)
     try:
         with progress.step("copying the graph and tokenizer"):

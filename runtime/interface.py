@@ -70,7 +70,7 @@ def inspect_graph(inputs: list[Any], outputs: list[Any], arch: Architecture, whe
     if missing:
         raise BundleError(f"{where} lacks the graph output {missing[0]}")
     dtypes = {inputs_by_name[name].type for name in expected_past}
-    for name in expected_past[:2]:
+    for name in expected_past:
         _check_past_shape(inputs_by_name[name], arch, where)
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
         kinds = ", ".join(sorted(dtypes))
