@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import cpu_kind, runs_by_cpu
 from run import log, machine
 from systems import (
     BENCHMARKS,
@@ -184,10 +185,13 @@ def floors_cell(bits: int | None, figures: dict[str, float]) -> str:
 
 
 def speed_rows(path: Path | None) -> tuple[dict[str, float], str]:
-    """Greedy ms/token per system key from a run.py results file, and a line saying where they come from."""
+    """Greedy ms/token per system key from a run.py results file (its run on this machine's kind of CPU, else its
+    first), and a line saying where they come from."""
     if path is None or not path.is_file():
         return {}, "No speed figures: no run.py results file was given or found."
-    results = json.loads(path.read_text("utf-8"))
+    by_cpu = runs_by_cpu(json.loads(path.read_text("utf-8")))
+    kind = cpu_kind(machine()["cpu"])
+    results = by_cpu.get(kind) or next(iter(by_cpu.values()))
     meta = results["meta"]
     speeds = {
         system["key"]: system["summary"]["greedy_ms_per_token"]
@@ -197,7 +201,8 @@ def speed_rows(path: Path | None) -> tuple[dict[str, float], str]:
     weights = (
         "the same stress checkpoint" if meta["settings"].get("outliers") else "plain random weights (no --outliers)"
     )
-    return speeds, f"Speed: greedy ms/token from `{meta['command']}` ({meta['date']}, {weights}), batch 1."
+    where = f"{meta['date']} on {meta['machine']['cpu']}"
+    return speeds, f"Speed: greedy ms/token from `{meta['command']}` ({where}, {weights}), batch 1."
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], speed_note: str) -> str:

@@ -58,8 +58,38 @@ SERVING = (
 )
 
 
+def cpu_kind(cpu: str) -> str:
+    """The kind of CPU a run's numbers belong to ("Intel Xeon", "AMD EPYC"), or the CPU's own name for others."""
+    name = cpu.lower()
+    for family, kind in (("xeon", "Intel Xeon"), ("epyc", "AMD EPYC")):
+        if family in name:
+            return kind
+    return cpu
+
+
+def runs_by_cpu(saved: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The results file's runs, one per kind of CPU (a file of one run, as written before kinds, counts as its)."""
+    if "by_cpu" in saved:
+        return saved["by_cpu"]
+    return {cpu_kind(saved["meta"]["machine"]["cpu"]): saved}
+
+
+def page(by_cpu: dict[str, dict[str, Any]]) -> str:
+    """The results page: one section per kind of CPU, each the newest run on such a machine."""
+    text = [
+        "# Benchmark results",
+        "",
+        "One row set per kind of CPU (the machines here are AMD EPYC or Intel Xeon, at random): `run.py` replaces "
+        "the section of the kind it runs on and keeps the others. Compare rows within a section only.",
+    ]
+    for kind in sorted(by_cpu):
+        text += ["", f"## {kind}", "", markdown(by_cpu[kind])]
+    text += ["", SERVING]
+    return "\n".join(text) + "\n"
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """The results page: what was measured and how, the table, and what could not be measured and why."""
+    """One run's section: what was measured and how, the table, and what could not be measured and why."""
     meta, systems = results["meta"], results["systems"]
     settings, machine = meta["settings"], meta["machine"]
     baseline = next((s["summary"] for s in systems if s["key"] == BASELINE and s["status"] == "measured"), {})
@@ -93,8 +123,6 @@ def markdown(results: dict[str, Any]) -> str:
     shape, new = settings["shape"], settings["new_tokens"]
     background = meta["background_cpu_share"]
     text = [
-        "# Benchmark results",
-        "",
         f"Measured {meta['date']} with `{meta['command']}` on {machine['cpu']} ({machine['cores']} cores used, "
         f"{machine['memory_gib']:.0f} GiB, {machine['platform']}, Python {machine['python']}).",
         "",
@@ -120,5 +148,4 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if notes:
         text += ["", "Notes:", "", *(f"{index}. {note}" for index, note in enumerate(notes, 1))]
-    text += ["", SERVING]
-    return "\n".join(text) + "\n"
+    return "\n".join(text)

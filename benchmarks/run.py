@@ -1,6 +1,7 @@
 """Benchmark gpt2-onnx against transformers, optimum, CTranslate2 and onnxruntime-genai on this machine.
 
     python benchmarks/run.py                       # every system, 5 rounds: benchmarks/results.md + results.json
+                                                   # (this CPU kind's section replaced, the others kept)
     python benchmarks/run.py --quick               # 2 rounds
     python benchmarks/run.py --systems transformers gpt2onnx-fp32
     python benchmarks/run.py --smoke --work DIR    # tiny model, this environment's systems only (the test suite)
@@ -28,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from report import MODES, markdown, summarize
+from report import MODES, cpu_kind, page, runs_by_cpu, summarize
 from systems import (
     BENCHMARKS,
     SHAPES,
@@ -341,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         "systems": list(rows.values()),
     }
+    by_cpu = runs_by_cpu(json.loads(json_out.read_text("utf-8"))) if json_out.is_file() else {}
+    by_cpu[cpu_kind(results["meta"]["machine"]["cpu"])] = results
     out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    table = markdown(results)
+    json_out.write_text(json.dumps({"by_cpu": by_cpu}, indent=1) + "\n", encoding="utf-8")
+    table = page(by_cpu)
     out.write_text(table, encoding="utf-8")
     print(table)
     log(f"wrote {out} and {json_out}")
