@@ -12,10 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError, InvalidInputError
 
-from .calibrate import OUTLIER_RATIO, outlier_channels, sample_ids
+from .calibrate import OUTLIER_RATIO, calibration_ids, input_hessians, outlier_channels, sample_ids
 from .checkpoint import VOCAB_SIZE, Checkpoint, load_pretrained, random_checkpoint, tokenizer_json
 from .graph import (
     CONTRIB,
@@ -29,6 +31,7 @@ from .graph import (
     build_graph,
     head_block_size,
 )
+from .rounding import DEFAULT_ROUNDING, GPTQ_DAMPING, ROUNDINGS, BlockLevels, gptq
 from .sources import (
     TokenizerChoice,
     check_checkpoint_folder,
@@ -191,7 +194,13 @@ def _scheme(bits: int, block_size: int) -> str:
 
 
 def _quantization_record(
-    model_proto: Any, quantize: str, block_size: int, head_bits: int, outliers: dict[str, list[int]]
+    model_proto: Any,
+    quantize: str,
+    block_size: int,
+    head_bits: int,
+    outliers: dict[str, list[int]],
+    rounding: str,
+    calibration_tokens: int,
 ) -> dict[str, Any]:
     """What bundle.json says about quantised weights."""
     ops = [node.op_type for node in _nodes(model_proto.graph)]
@@ -212,6 +221,7 @@ def _quantization_record(
             "projections": len(outliers),
             "channels": sum(map(len, outliers.values())),
         },
+        "rounding": _rounding_record(rounding, calibration_tokens),
     }
     if "DynamicQuantizeMatMul" in ops:
         record["prompt_steps"] = {
@@ -225,10 +235,43 @@ def _quantization_record(
     return record
 
 
-def _precision_hint(quantize: str, block_size: int, head_bits: int) -> str:
+def _rounding_record(rounding: str, calibration_tokens: int) -> dict[str, Any]:
+    if rounding == "nearest":
+        return {"method": "nearest", "covers": "every quantised weight: each to its block's nearest level"}
+    return {
+        "method": "gptq",
+        "covers": "every attention and MLP projection's blocks; the lm_head and token embedding round to nearest",
+        "calibration": f"export/data/calibration_text.txt, {calibration_tokens} tokens (not the sample text)",
+        "damping": GPTQ_DAMPING,
+    }
+
+
+def _gptq_levels(
+    checkpoint: Checkpoint,
+    weights: dict[str, np.ndarray],
+    ids: np.ndarray,
+    bits: int,
+    block_size: int,
+    outliers: dict[str, list[int]],
+) -> dict[str, BlockLevels]:
+    """Each projection's levels rounded by GPTQ on the inputs it sees over ids, its outlier channels (multiplied in
+    float by the graph) zeroed in the matrix and left out of its Hessian."""
+    levels = {}
+    for name, hessian in input_hessians(checkpoint.model, ids):
+        matrix = weights[name].copy()  # Conv1D: [in, out]
+        channels = outliers.get(name, [])
+        matrix[channels] = 0.0
+        hessian[channels, :] = 0.0
+        hessian[:, channels] = 0.0
+        levels[name] = gptq(matrix.T, hessian, bits, block_size)
+    return levels
+
+
+def _precision_hint(quantize: str, block_size: int, head_bits: int, rounding: str) -> str:
     """What keeps more precision than this variant, in export-gpt2 flags."""
     options = ["--head-bits 8"] if quantize == "int4" and head_bits == 4 else []
     options += ["a smaller --block-size"] if block_size > min(QUANT_BLOCKS) else []
+    options += ["--rounding gptq"] if rounding == "nearest" else []
     options += ["--quantize int8"] if quantize == "int4" else ["fp32 weights (no --quantize)"]
     return " or ".join(options) + " would keep more precision"
 
@@ -284,6 +327,7 @@ def check_graph_options(
     kv_cache: str,
     block_size: int | None,
     head_bits: int | None = None,
+    rounding: str | None = None,
 ) -> None:
     """Raise InvalidInputError for a graph variant that cannot be built (named by its export-gpt2 flags)."""
     if dtype not in DTYPES:
@@ -302,6 +346,10 @@ def check_graph_options(
         raise InvalidInputError("--head-bits sets the lm_head's bits in an int4 graph; add --quantize int4")
     if head_bits is not None and head_bits not in HEAD_BITS:
         raise InvalidInputError(f"unsupported head bits {head_bits!r}; choose {' or '.join(map(str, HEAD_BITS))}")
+    if rounding is not None and quantize is None:
+        raise InvalidInputError("--rounding sets how quantised weights are rounded; add --quantize int8 or int4")
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise InvalidInputError(f"unsupported rounding {rounding!r}; choose {' or '.join(ROUNDINGS)}")
     if block_size is not None and block_size not in QUANT_BLOCKS:
         raise InvalidInputError(f"unsupported block size {block_size!r}; choose {', '.join(map(str, QUANT_BLOCKS))}")
     if kv_cache not in ("auto", *bundle.KV_CACHES):
@@ -327,6 +375,7 @@ def export_bundle(
     outliers: bool = False,
     isolate_outliers: bool = True,
     head_bits: int | None = None,
+    rounding: str | None = None,
     tokenizer: str | None = None,
     revision: str | None = None,
     force: bool = False,
@@ -346,7 +395,10 @@ def export_bundle(
     for fused fp32 and int8 graphs, growing otherwise). quantize="int8" or "int4": quantised weights in the fused
     graph (MatMulNBits, int8 activations at run time; fp32 only), one scale per block_size inputs (32 to 256, default
     128 for int8, 32 for int4; larger decodes faster, smaller stays closer to fp32); head_bits (int4 only, default 8):
-    the lm_head's and token embedding's bits. fast_prefill (with int8): the blocks a second time as
+    the lm_head's and token embedding's bits. rounding (with quantize): "gptq" (each projection rounded by GPTQ
+    against its inputs' Hessian on export/data/calibration_text.txt, export/rounding.py; int4's default) or "nearest"
+    (int8's default).
+    fast_prefill (with int8): the blocks a second time as
     int8 matrices for onnxruntime's int8 GEMM, used for steps of several tokens (prompts): faster prompts for more
     memory. Quantised projections multiply their outlier input channels (export/calibrate.py, found on the sample
     text) in float32 beside the int8 product unless isolate_outliers is False. outliers (with random_init): write
@@ -355,10 +407,11 @@ def export_bundle(
     place after validation, so a failed or interrupted export leaves no bundle (and no half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
-    check_graph_options(dtype, optimize, quantize, fast_prefill, kv_cache, block_size, head_bits)
+    check_graph_options(dtype, optimize, quantize, fast_prefill, kv_cache, block_size, head_bits, rounding)
     kv_cache = resolve_kv_cache(kv_cache, dtype, optimize)
     block_size = block_size or DEFAULT_BLOCK_SIZES.get(quantize or "int8")
     head_bits = (head_bits or DEFAULT_HEAD_BITS) if quantize == "int4" else QUANT_BITS.get(quantize)
+    rounding = rounding or DEFAULT_ROUNDING.get(quantize or "int8")
     if model is not None and random_init is not None:
         raise InvalidInputError("give --model or --random-init, not both: --random-init builds its own weights")
     if outliers and random_init is None:
@@ -398,16 +451,23 @@ def export_bundle(
             progress.notice(choice.notice)
         checkpoint.source["tokenizer"] = choice.description
         kind = ("fused" if optimize else "plain") + (
-            f", {quantize} weights in blocks of {block_size}" if quantize else ""
+            f", {quantize} weights in blocks of {block_size}, rounded by {rounding}" if quantize else ""
         )
         kind += (", fast prefill" if fast_prefill else "") + f", {kv_cache} cache"
-        text_ids = sample_ids(staging / bundle.TOKENIZER_FILE if tokenizer_name else None, spec.vocab_size, seed)
+        tokenizer_file = staging / bundle.TOKENIZER_FILE if tokenizer_name else None
+        text_ids = sample_ids(tokenizer_file, spec.vocab_size, seed)
         float_channels: dict[str, list[int]] = {}
         if quantize and isolate_outliers:
             with progress.step("finding outlier channels on the sample text"):
                 float_channels = outlier_channels(checkpoint.model, text_ids)
+        weights = checkpoint.weights()
+        rounded: dict[str, BlockLevels] = {}
+        calibration = calibration_ids(tokenizer_file, spec.vocab_size, seed)
+        if quantize and rounding == "gptq":
+            with progress.step(f"rounding the projections by GPTQ on the calibration text ({len(calibration)} tokens)"):
+                bits = QUANT_BITS[quantize]
+                rounded = _gptq_levels(checkpoint, weights, calibration, bits, block_size, float_channels)
         with progress.step(f"building the ONNX graph ({spec.n_layer} layers, {graph_dtype}, {kind})"):
-            weights = checkpoint.weights()
             model_proto = build_graph(
                 spec,
                 weights,
@@ -419,13 +479,18 @@ def export_bundle(
                 kv_cache=kv_cache,
                 block_size=block_size,
                 outliers=float_channels,
+                rounded=rounded,
             )
             optimizations = _contrib_ops(model_proto)
             quantization = (
-                _quantization_record(model_proto, quantize, block_size, head_bits, float_channels) if quantize else None
+                _quantization_record(
+                    model_proto, quantize, block_size, head_bits, float_channels, rounding, len(calibration)
+                )
+                if quantize
+                else None
             )
             external = _save_graph(model_proto, staging)
-            del weights, model_proto
+            del weights, model_proto, rounded
         architecture = {
             "n_layer": spec.n_layer,
             "n_head": spec.n_head,
@@ -468,8 +533,8 @@ def export_bundle(
         if missed:
             warnings.warn(
                 f"{quantize} weights fall below the quality floors on the sample text: {', '.join(missed)}; "
-                f"{_precision_hint(quantize, block_size, head_bits)} (benchmarks/README.md, 'Quantisation quality', "
-                "has each variant's figures)",
+                f"{_precision_hint(quantize, block_size, head_bits, rounding)} (benchmarks/README.md, "
+                "'Quantisation quality', has each variant's figures)",
                 UserWarning,
                 stacklevel=2,
             )

@@ -37,6 +37,8 @@ import numpy as np
 from gpt2onnx.runtime import bundle
 from gpt2onnx.runtime.errors import ExportError
 
+from .rounding import ZERO_8BIT, BlockLevels, round_to_nearest
+
 OPSET = 17
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish", "quick_gelu")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -48,7 +50,6 @@ QUANT_BITS = {"int8": 8, "int4": 4}  # export-gpt2 --quantize: the projections' 
 HEAD_BITS = (4, 8)  # int4 graphs: the lm_head's and token embedding's bits (--head-bits)
 DEFAULT_HEAD_BITS = 8  # as llama.cpp keeps q4_0's output matrix at 6 bits; measured in benchmarks/quality_results.md
 QUANT_BLOCKS = (32, 64, 128, 256)  # the block sizes export offers (MatMulNBits takes powers of two from 16)
-QUANT_ZERO = 128  # MatMulNBits' implied zero point for 8 bits: stored byte = round(w / scale) + 128
 # DynamicQuantizeMatMul's weights (--fast-prefill) in 7 bits, onnxruntime's "reduce_range": its uint8 x int8 kernel on
 # AVX2 without VNNI adds pairs of products in 16 bits, which 255 * 127 * 2 overflows and 255 * 63 * 2 does not.
 COLUMN_LEVELS = 63
@@ -106,6 +107,7 @@ class _Builder:
         block_size: int = QUANT_BLOCK,
         outliers: dict[str, list[int]] | None = None,
         head_bits: int | None = None,
+        rounded: dict[str, BlockLevels] | None = None,
     ) -> None:
         from onnx import TensorProto, helper, numpy_helper
 
@@ -115,6 +117,7 @@ class _Builder:
         self.head_block = head_block_size(bits, self.head_bits, block_size) if bits else block_size
         self.block_size = block_size
         self.outliers = outliers or {}  # weight name -> input channels multiplied in float (export/calibrate.py)
+        self.rounded = rounded or {}  # weight name -> its levels, rounded by GPTQ (export/rounding.py)
         self.int8_columns = False  # int8 projections as DynamicQuantizeMatMul (inside the prefill branch)
         self.np_dtype = NUMPY_DTYPES[dtype]
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
@@ -155,40 +158,23 @@ class _Builder:
             self.nodes, self.int8_columns = outer, columns
 
     def quantized(self, name: str, matrix: np.ndarray, bits: int, block_size: int | None = None) -> QuantizedWeight:
-        """matrix [out, in] as MatMulNBits blocks of block_size inputs (default the graph's; the last zero-padded),
-        bits 8 or 4.
-
-        8 bits, symmetric: scale max|w| / 127 per block, bytes round(w / scale) + 128 (the op's implied zero point),
-        so that w = (byte - 128) * scale within half a step. 4 bits, asymmetric (measured on the stress checkpoint:
-        KL 0.18 against 0.21 for symmetric llama.cpp-q4_0-style blocks, at the same speed): the block's range
-        [min(w, 0), max(w, 0)] in 15 steps, a zero point per block, two values a byte (the first in the low nibble).
-        """
-        rows, columns = matrix.shape
+        """matrix [out, in] as MatMulNBits initializers: blocks of block_size inputs (default the graph's), bits 8
+        or 4 (export/rounding.py gives the grid). The levels given for this name (GPTQ's) are used where they
+        fit; otherwise every weight is rounded to nearest. 4 bits take two values a byte, the first in the low
+        nibble, and two zero points a byte."""
         size = block_size or self.block_size
-        blocks = -(-columns // size)
-        padded = np.zeros((rows, blocks * size), np.float32)
-        padded[:, :columns] = matrix
-        padded = padded.reshape(rows, blocks, size)
+        given = self.rounded.get(name)
+        fits = given is not None and (given.bits, given.block_size) == (bits, size)
+        grid = given if fits else round_to_nearest(matrix, bits, size)
         if bits == 8:
-            scales = np.abs(padded).max(axis=2) / 127.0
-            scales[scales == 0] = 1.0
-            data = np.clip(np.round(padded / scales[:, :, None]), -127, 127) + QUANT_ZERO
             return QuantizedWeight(
-                self.weight(name + ".int8", data.astype(np.uint8)),
-                self.weight(name + ".scales", scales.astype(np.float32)),
-                bits,
-                size,
+                self.weight(name + ".int8", grid.levels), self.weight(name + ".scales", grid.scales), bits, size
             )
-        low, high = np.minimum(padded.min(axis=2), 0.0), np.maximum(padded.max(axis=2), 0.0)
-        scales = (high - low) / 15.0
-        scales[scales == 0] = 1.0
-        zeros = np.clip(np.round(-low / scales), 0, 15)
-        levels = np.clip(np.round(padded / scales[:, :, None]) + zeros[:, :, None], 0, 15).astype(np.uint8)
-        packed = levels[:, :, 0::2] | (levels[:, :, 1::2] << 4)
-        zeros = np.pad(zeros.astype(np.uint8), ((0, 0), (0, blocks % 2)))  # two zero points a byte as well
+        packed = grid.levels[:, :, 0::2] | (grid.levels[:, :, 1::2] << 4)
+        zeros = np.pad(grid.zeros, ((0, 0), (0, grid.zeros.shape[1] % 2)))
         return QuantizedWeight(
             self.weight(name + ".int4", packed),
-            self.weight(name + ".scales", scales.astype(np.float32)),
+            self.weight(name + ".scales", grid.scales),
             bits,
             size,
             self.weight(name + ".zero_points", zeros[:, 0::2] | (zeros[:, 1::2] << 4)),
@@ -505,7 +491,7 @@ def _dequantized_rows(b: _Builder, table: QuantizedWeight, ids: str, width: int)
     rows = b.op("Gather", table.data, ids)  # [batch, seq, blocks, bytes per block]
     scales = b.op("Unsqueeze", b.op("Gather", table.scales, ids), b.const([-1], int64))
     if table.bits == 8:
-        levels = b.op("Sub", b.op("Cast", rows, to=b.onnx_dtype), b.const(float(QUANT_ZERO)))
+        levels = b.op("Sub", b.op("Cast", rows, to=b.onnx_dtype), b.const(float(ZERO_8BIT)))
     else:
         unpacked = b.op("Reshape", _nibbles(b, rows), b.const([0, 0, 0, -1], int64))  # [batch, seq, blocks, size]
         zeros = b.op("Reshape", _nibbles(b, b.op("Gather", table.zero_points, ids)), b.const([0, 0, -1], int64))
@@ -552,6 +538,7 @@ def build_graph(
     kv_cache: str = "growing",
     block_size: int = QUANT_BLOCK,
     outliers: dict[str, list[int]] | None = None,
+    rounded: dict[str, BlockLevels] | None = None,
 ):
     """Return the onnx.ModelProto of a GPT-2 with the given transformers-style state dict (numpy arrays).
 
@@ -562,11 +549,13 @@ def build_graph(
     needs fused and float32. head_bits: the lm_head's and embedding's, when not `bits`.
     fast_prefill: with 8 bits, the blocks a second time over DynamicQuantizeMatMul for steps of several tokens.
     outliers: with bits, weight name -> input channels that the projection multiplies in float (export/calibrate.py).
+    rounded: with bits, weight name -> the levels of its matrix [out, in] (outlier channels zeroed), rounded by GPTQ
+    (export/rounding.py); the other weights are rounded to nearest.
     The exporter checks these combinations (exporter.check_graph_options) and the activation (checkpoint loading).
     """
     from onnx import TensorProto, helper
 
-    b = _Builder(dtype, bits=bits, block_size=block_size, outliers=outliers, head_bits=head_bits)
+    b = _Builder(dtype, bits=bits, block_size=block_size, outliers=outliers, head_bits=head_bits, rounded=rounded)
     H, D = spec.n_head, spec.head_dim
 
     def w(name: str) -> str:
