@@ -199,8 +199,7 @@ def _quantization_record(
     block_size: int,
     head_bits: int,
     outliers: dict[str, list[int]],
-    rounding: str,
-    calibration_tokens: int,
+    rounding: dict[str, Any],
 ) -> dict[str, Any]:
     """What bundle.json says about quantised weights."""
     ops = [node.op_type for node in _nodes(model_proto.graph)]
@@ -221,7 +220,7 @@ def _quantization_record(
             "projections": len(outliers),
             "channels": sum(map(len, outliers.values())),
         },
-        "rounding": _rounding_record(rounding, calibration_tokens),
+        "rounding": rounding,
     }
     if "DynamicQuantizeMatMul" in ops:
         record["prompt_steps"] = {
@@ -236,6 +235,7 @@ def _quantization_record(
 
 
 def _rounding_record(rounding: str, calibration_tokens: int) -> dict[str, Any]:
+    """What bundle.json says about how the quantised weights were rounded."""
     if rounding == "nearest":
         return {"method": "nearest", "covers": "every quantised weight: each to its block's nearest level"}
     return {
@@ -462,11 +462,13 @@ def export_bundle(
                 float_channels = outlier_channels(checkpoint.model, text_ids)
         weights = checkpoint.weights()
         rounded: dict[str, BlockLevels] = {}
-        calibration = calibration_ids(tokenizer_file, spec.vocab_size, seed)
+        rounding_record = _rounding_record(rounding, 0)
         if quantize and rounding == "gptq":
+            calibration = calibration_ids(tokenizer_file, spec.vocab_size, seed)
             with progress.step(f"rounding the projections by GPTQ on the calibration text ({len(calibration)} tokens)"):
                 bits = QUANT_BITS[quantize]
                 rounded = _gptq_levels(checkpoint, weights, calibration, bits, block_size, float_channels)
+            rounding_record = _rounding_record(rounding, len(calibration))
         with progress.step(f"building the ONNX graph ({spec.n_layer} layers, {graph_dtype}, {kind})"):
             model_proto = build_graph(
                 spec,
@@ -483,9 +485,7 @@ def export_bundle(
             )
             optimizations = _contrib_ops(model_proto)
             quantization = (
-                _quantization_record(
-                    model_proto, quantize, block_size, head_bits, float_channels, rounding, len(calibration)
-                )
+                _quantization_record(model_proto, quantize, block_size, head_bits, float_channels, rounding_record)
                 if quantize
                 else None
             )

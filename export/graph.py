@@ -159,13 +159,10 @@ class _Builder:
 
     def quantized(self, name: str, matrix: np.ndarray, bits: int, block_size: int | None = None) -> QuantizedWeight:
         """matrix [out, in] as MatMulNBits initializers: blocks of block_size inputs (default the graph's), bits 8
-        or 4 (export/rounding.py gives the grid). The levels given for this name (GPTQ's) are used where they
-        fit; otherwise every weight is rounded to nearest. 4 bits take two values a byte, the first in the low
-        nibble, and two zero points a byte."""
-        size = block_size or self.block_size
-        given = self.rounded.get(name)
-        fits = given is not None and (given.bits, given.block_size) == (bits, size)
-        grid = given if fits else round_to_nearest(matrix, bits, size)
+        or 4 (export/rounding.py gives the grid); the levels given for this name (GPTQ's) if any, else every weight
+        rounded to nearest. 4 bits take two values a byte, the first in the low nibble, and two zero points a byte."""
+        grid = self.rounded.get(name) or round_to_nearest(matrix, bits, block_size or self.block_size)
+        bits, size = grid.bits, grid.block_size
         if bits == 8:
             return QuantizedWeight(
                 self.weight(name + ".int8", grid.levels), self.weight(name + ".scales", grid.scales), bits, size

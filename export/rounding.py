@@ -97,9 +97,7 @@ def gptq(matrix: np.ndarray, hessian: np.ndarray, bits: int, block_size: int) ->
     h[:columns, :columns] = hessian
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    factor = _inverse_hessian_factor(h)
-    factor[dead, :] = 0.0  # a dead input's error stays where it is
-    factor[dead, dead] = 1.0
+    factor = _inverse_hessian_factor(h)  # block-diagonal around dead inputs: their errors go nowhere, none come in
     blocks = width // block_size
     levels = np.empty((rows, width), np.uint8)
     scales = np.empty((rows, blocks), np.float32)
