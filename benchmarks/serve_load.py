@@ -29,8 +29,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
+from report import cpu_kind
+from run import machine
+from sse_client import Dropped, StreamingConnection
 from workload import PROMPT
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -48,6 +52,7 @@ class Load:
     first_token_s: list[float] = field(default_factory=list)
     inter_token_s: list[float] = field(default_factory=list)
     errors: int = 0  # connections the server dropped without an answer (the request is sent again)
+    client_cpu_s: float = 0.0  # CPU time the load generator itself took (it shares the cores with the server)
 
     def row(self) -> dict[str, float | int]:
         return {
@@ -58,6 +63,7 @@ class Load:
             "itl_p50_ms": 1000 * percentile(self.inter_token_s, 0.5),
             "itl_p99_ms": 1000 * percentile(self.inter_token_s, 0.99),
             "dropped": self.errors,
+            "client_cpu_ms_per_token": 1000 * self.client_cpu_s / max(1, self.tokens),
         }
 
 
@@ -96,24 +102,24 @@ def start_server(command: list[str], env: dict[str, str], log: Path) -> tuple[su
 
 async def client(url: str, requests: int, max_tokens: int, load: Load) -> None:
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    async with httpx.AsyncClient(timeout=600) as http:
-        done = 0
+    address = urlsplit(url)
+    connection = StreamingConnection(address.hostname, address.port)
+    done = 0
+    try:
         while done < requests:
             last = time.perf_counter()
             tokens, finish, gaps = 0, None, []
             try:
-                async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-                    response.raise_for_status()
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        choice = json.loads(line[6:])["choices"][0]
-                        now = time.perf_counter()
-                        if choice["text"]:
-                            gaps.append(now - last)
-                            tokens, last = tokens + 1, now
-                        finish = choice["finish_reason"] or finish
-            except httpx.TransportError:  # a dropped connection: counted, and the request sent again
+                async for data in connection.events("/v1/completions", body):
+                    if not data.startswith(b"{"):
+                        continue
+                    choice = json.loads(data)["choices"][0]
+                    now = time.perf_counter()
+                    if choice["text"]:
+                        gaps.append(now - last)
+                        tokens, last = tokens + 1, now
+                    finish = choice["finish_reason"] or finish
+            except Dropped:  # a dropped connection: counted, and the request sent again
                 load.errors += 1
                 if load.errors > 10 * requests:
                     raise
@@ -124,6 +130,8 @@ async def client(url: str, requests: int, max_tokens: int, load: Load) -> None:
                 load.inter_token_s.extend(gaps[1:])
             # A token whose text is still incomplete (part of a character) sends no chunk: count by the limit.
             load.tokens += max_tokens if finish == "length" else tokens
+    finally:
+        await connection.close()
 
 
 def measure(url: str, clients: int, requests: int, max_tokens: int) -> Load:
@@ -132,9 +140,9 @@ def measure(url: str, clients: int, requests: int, max_tokens: int) -> Load:
     async def run() -> None:
         await asyncio.gather(*(client(url, requests, max_tokens, load) for _ in range(clients)))
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     asyncio.run(run())
-    load.seconds = time.perf_counter() - start
+    load.seconds, load.client_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     return load
 
 
@@ -246,21 +254,24 @@ def main() -> None:
                 process.terminate()
                 process.wait(timeout=60)
     batch = batch_generate_tokens_per_s(bundle, args.batch, args.max_tokens)
-    page = report(results, batch, args, bundle)
-    args.out.write_text(page, encoding="utf-8")
-    print(page)
+    section = report(results, batch, args, bundle, machine()["cpu"])
+    previous = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
+    args.out.write_text(merged_page(previous, section), encoding="utf-8")
+    print(section)
 
 
-def report(results: dict[str, list[dict]], batch: float, args: argparse.Namespace, bundle: Path) -> str:
+def report(results: dict[str, list[dict]], batch: float, args: argparse.Namespace, bundle: Path, cpu: str) -> str:
+    """This run's section of the page: its CPU, how it measured, and a row per server and client count."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# gpt2-serve under load",
+        f"## {cpu_kind(cpu)}",
         "",
-        f"Measured {when} with `python benchmarks/serve_load.py` on {os.cpu_count()} CPUs: bundle `{bundle.name}`, "
-        f"{args.requests} streaming requests per client one after another, {args.max_tokens} tokens each "
-        f"(temperature 0, a {len(PROMPT)}-token prompt), over loopback. Tokens/s is every client's tokens over the "
-        "wall time; time to first token (TTFT) counts from the request; inter-token latency (ITL) is the gap between "
-        "a stream's chunks. Dropped: connections closed without an answer (the client sends the request again).",
+        f"Measured {when} with `python benchmarks/serve_load.py` on {cpu} ({os.cpu_count()} CPUs): bundle "
+        f"`{bundle.name}`, {args.requests} streaming requests per client one after another, {args.max_tokens} tokens "
+        f"each (temperature 0, a {len(PROMPT)}-token prompt), over loopback. Tokens/s is every client's tokens over "
+        "the wall time; time to first token (TTFT) counts from the request; inter-token latency (ITL) is the gap "
+        "between a stream's chunks. Dropped: connections closed without an answer (the client sends the request "
+        "again).",
         "",
         "| server | clients | tokens/s | vs one client | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | dropped |",
         "|---|---|---|---|---|---|---|",
@@ -275,6 +286,22 @@ def report(results: dict[str, list[dict]], batch: float, args: argparse.Namespac
             )
     lines += ["", f"model.generate on a batch of {args.batch} rows, same run: {batch:.0f} tokens/s.", ""]
     return "\n".join(lines)
+
+
+def merged_page(previous: str, section: str) -> str:
+    """The page with this run's section in place of the earlier one of the same CPU kind; other kinds' are kept."""
+    sections = {}
+    for part in previous.split("\n## ")[1:]:
+        sections[part.split("\n", 1)[0].strip()] = "## " + part.strip() + "\n"
+    sections[section.split("\n", 1)[0][3:].strip()] = section
+    head = [
+        "# gpt2-serve under load",
+        "",
+        "One section per kind of CPU (the machines here are AMD EPYC or Intel Xeon, at random): a run replaces the "
+        "section of its own kind. Compare rows within a section only.",
+        "",
+    ]
+    return "\n".join(head) + "\n" + "\n".join(sections[kind] for kind in sorted(sections))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,12 @@ class Generator:
         padding)."""
         return self._width
 
+    @property
+    def final_token_count(self) -> int:
+        """The most positions per row this turn can reach: token_count once every row has run to max_new_tokens
+        (or to the end of the context)."""
+        return min(self._context, self._turn_start + self.options.max_new_tokens)
+
     def is_done(self) -> bool:
         """Whether every row has finished (EOS, a stop string or criterion, max_new_tokens, or the context's end)."""
         return self._done

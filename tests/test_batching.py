@@ -106,6 +106,28 @@ def test_a_batch_that_emptied_takes_a_shorter_request(models: dict, layout: str)
         assert [generator.get_sequence(i).tolist() for i in range(generator.rows)] == alone(model, rows, options)
 
 
+@pytest.mark.parametrize("layout", ["ragged", "aligned"])
+def test_the_buffers_grow_when_a_generator_joins_never_during_a_step(models: dict, layout: str) -> None:
+    """A join makes room for every step its generator may take (a copy then costs no running row a step); the
+    steps after it never grow the buffers, however long the rows run."""
+    model = models["preallocated"]
+    batch = DecodeBatch(model.session, max_rows=3, ragged=LAYOUTS[layout][1])
+    requests = [([[4, 5, 6]], {"max_new_tokens": 30, "min_new_tokens": 30}), *REQUESTS[:2], REQUESTS[3]]
+    waiting = [started(model, rows, options) for rows, options in requests]
+    generators, capacities = list(waiting), set()
+    while waiting or batch.rows:
+        while waiting and waiting[0].rows <= batch.free:
+            batch.join(waiting.pop(0))
+        capacity = batch._store.cache.capacity
+        capacities.add(capacity)
+        batch.step()
+        assert batch._store.cache.capacity == capacity, "a step grew the buffers"
+    assert max(capacities) >= 33, "the first request's 33 positions were reserved"
+    assert [[g.get_sequence(i).tolist() for i in range(g.rows)] for g in generators] == [
+        alone(model, rows, options) for rows, options in requests
+    ]
+
+
 @pytest.mark.parametrize("layout", ["aligned", "host"])
 def test_an_aligned_batch_reaching_the_context_packs_its_columns(models: dict, layout: str, monkeypatch) -> None:
     """Rows join over many steps and never all leave at once, so the aligned batch grows wider than any row; at the

@@ -115,3 +115,29 @@ def test_smoke_quality_writes_a_table(tmp_path: Path) -> None:
     assert [row["key"] for row in updated] == list(rows)
     assert updated[1]["measured_at"] == rows["gpt2onnx-int8"]["measured_at"] != updated[2]["measured_at"]
     assert "Re-measured by this command (`--update`): gpt2-onnx fp32, gpt2-onnx int4;" in out.read_text("utf-8")
+
+
+def test_smoke_serve_load_writes_its_section(tmp_path: Path, tiny_gpt2) -> None:
+    """serve_load.py against a real gpt2-serve (its lean streaming client, loopback), bounded: 1 and 2 clients of one
+    4-token request each; the page keeps another CPU kind's section beside this machine's."""
+    out = tmp_path / "serve_results.md"
+    other = "## Other CPU\n\nan earlier run on another kind of CPU\n"
+    out.write_text(f"# gpt2-serve under load\n\n{other}", encoding="utf-8")
+    command = [
+        *(sys.executable, str(REPO / "benchmarks" / "serve_load.py"), str(tiny_gpt2.bundle)),
+        *("--clients", "1", "2", "--requests", "1", "--max-tokens", "4", "--batch", "2", "--threads", "1"),
+        *("--baseline", "", "--work", str(tmp_path), "--out", str(out)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [row["clients"] for row in rows] == [1, 2]
+    assert all(row["dropped"] == 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert all(math.isfinite(row["ttft_p50_ms"]) and math.isfinite(row["itl_p99_ms"]) for row in rows)
+    page = out.read_text("utf-8")
+    sections = [line for line in page.splitlines() if line.startswith("## ")]
+    assert "## Other CPU" in sections and len(sections) == 2
+    assert other.strip() in page
+    this = next(heading for heading in sections if heading != "## Other CPU")
+    section = page.split(this + "\n", 1)[1].split("\n## ", 1)[0]
+    assert sum(line.startswith("| gpt2-serve (continuous batching") for line in section.splitlines()) == 2
