@@ -74,12 +74,7 @@ _RUN_SYSTEMS = {system.key: system for system in SYSTEMS}
 VARIANTS = (
     Variant(_RUN_SYSTEMS[REFERENCE], None),
     Variant(_RUN_SYSTEMS["gpt2onnx-int8"], 8),
-    Variant(
-        _quality_only(
-            "gpt2onnx-int8-block32", "gpt2-onnx int8, blocks of 32", ["--quantize", "int8", "--block-size", "32"]
-        ),
-        8,
-    ),
+    Variant(_RUN_SYSTEMS["gpt2onnx-int8-block32"], 8),
     Variant(_RUN_SYSTEMS["gpt2onnx-int8-block256"], 8),
     Variant(
         _quality_only(
@@ -99,6 +94,7 @@ VARIANTS = (
         8,
     ),
     Variant(_RUN_SYSTEMS["gpt2onnx-int4"], 4),
+    Variant(_RUN_SYSTEMS["gpt2onnx-int4-all4"], 4),
     Variant(_RUN_SYSTEMS["gpt2onnx-int4-head4"], 4),
     Variant(
         _quality_only(

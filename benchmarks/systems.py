@@ -406,6 +406,11 @@ SYSTEMS = (
     System("gpt2onnx-int8", "gpt2-onnx int8", lambda ws: gpt2onnx_ready(ws, "int8", ["--quantize", "int8"])),
     System("gpt2onnx-int4", "gpt2-onnx int4", lambda ws: gpt2onnx_ready(ws, "int4", ["--quantize", "int4"])),
     System(
+        "gpt2onnx-int4-all4",
+        "gpt2-onnx int4, every block at 4 bits",
+        lambda ws: gpt2onnx_ready(ws, "int4-all4", ["--quantize", "int4", "--int8-layers", "none"]),
+    ),
+    System(
         "gpt2onnx-int4-head4",
         "gpt2-onnx int4, 4-bit lm_head",
         lambda ws: gpt2onnx_ready(ws, "int4-head4", ["--quantize", "int4", "--head-bits", "4"]),
@@ -414,6 +419,11 @@ SYSTEMS = (
         "gpt2onnx-int8-fast-prefill",
         "gpt2-onnx int8 + fast prefill",
         lambda ws: gpt2onnx_ready(ws, "int8-fast-prefill", ["--quantize", "int8", "--fast-prefill"]),
+    ),
+    System(
+        "gpt2onnx-int8-block32",
+        "gpt2-onnx int8, blocks of 32",
+        lambda ws: gpt2onnx_ready(ws, "int8-block32", ["--quantize", "int8", "--block-size", "32"]),
     ),
     System(
         "gpt2onnx-int8-block256",

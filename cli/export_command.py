@@ -7,13 +7,34 @@ import sys
 from pathlib import Path
 
 from gpt2onnx import __version__
-from gpt2onnx.export.graph import DEFAULT_HEAD_BITS, HEAD_BITS, QUANT_BITS, QUANT_BLOCK, QUANT_BLOCK_INT4, QUANT_BLOCKS
+from gpt2onnx.export.graph import (
+    DEFAULT_HEAD_BITS,
+    DEFAULT_INT8_LAYERS,
+    HEAD_BITS,
+    QUANT_BITS,
+    QUANT_BLOCK,
+    QUANT_BLOCK_INT4,
+    QUANT_BLOCKS,
+)
 from gpt2onnx.export.rounding import DEFAULT_ROUNDING, ROUNDINGS
 from gpt2onnx.runtime.bundle import KV_CACHES
 
 from .common import ArgumentParser, non_negative_int, option_flags, run_command
 
 PROG = "export-gpt2"
+
+
+def block_list(text: str) -> list[int]:
+    """--int8-layers' value: comma-separated block indices from 0 ("0,11"), or "none"."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        blocks = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block indices or none") from None
+    if any(block < 0 for block in blocks):
+        raise argparse.ArgumentTypeError(f"{text!r}: block indices start at 0")
+    return blocks
 
 
 def build_parser() -> ArgumentParser:
@@ -56,6 +77,15 @@ def build_parser() -> ArgumentParser:
         choices=HEAD_BITS,
         help=f"with --quantize int4: bits of the lm_head and token embedding (default {DEFAULT_HEAD_BITS}, in int8's "
         "blocks of 128; 4 decodes faster and is further from fp32)",
+    )
+    parser.add_argument(
+        "--int8-layers",
+        type=block_list,
+        metavar="BLOCKS",
+        help="with --quantize int4: the transformer blocks (comma-separated indices from 0, or none) whose attention "
+        f"and MLP weights stay at 8 bits (default {','.join(map(str, DEFAULT_INT8_LAYERS))}: the first block, the "
+        "most sensitive; GPT-2 small on the stress checkpoint: top-1 agreement 94.5%% against 85.5%% for none, "
+        "for 4%% more weight bytes)",
     )
     parser.add_argument(
         "--rounding",
@@ -149,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             isolate_outliers=args.isolate_outliers,
             head_bits=args.head_bits,
             rounding=args.rounding,
+            int8_layers=args.int8_layers,
             tokenizer=args.tokenizer,
             revision=args.revision,
             force=args.force,
@@ -162,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         from gpt2onnx.export.onnx_import import import_onnx_folder
 
         checkpoint_flags = ["--model", "--random-init", "--quantize", "--tokenizer", "--revision", "--outliers"]
-        checkpoint_flags += ["--block-size", "--head-bits", "--rounding", "--fast-prefill"]
+        checkpoint_flags += ["--block-size", "--head-bits", "--int8-layers", "--rounding", "--fast-prefill"]
         given = [flag for flag in checkpoint_flags if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
         given += ["--dtype"] if args.dtype != "fp32" else []
         given += ["--no-optimize"] if not args.optimize else []

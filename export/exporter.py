@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from .checkpoint import VOCAB_SIZE, Checkpoint, load_pretrained, random_checkpoi
 from .graph import (
     CONTRIB,
     DEFAULT_HEAD_BITS,
+    DEFAULT_INT8_LAYERS,
     HEAD_BITS,
     OPSET,
     QUANT_BITS,
@@ -30,6 +31,7 @@ from .graph import (
     QUANT_BLOCKS,
     build_graph,
     head_block_size,
+    projection_bits,
 )
 from .rounding import DEFAULT_ROUNDING, GPTQ_DAMPING, ROUNDINGS, BlockLevels, gptq
 from .sources import (
@@ -200,6 +202,7 @@ def _quantization_record(
     head_bits: int,
     outliers: dict[str, list[int]],
     rounding: dict[str, Any],
+    int8_layers: tuple[int, ...],
 ) -> dict[str, Any]:
     """What bundle.json says about quantised weights."""
     ops = [node.op_type for node in _nodes(model_proto.graph)]
@@ -222,6 +225,12 @@ def _quantization_record(
         },
         "rounding": rounding,
     }
+    if quantize == "int4":
+        record["int8_layers"] = {
+            "blocks": list(int8_layers),
+            "scheme": _scheme(8, block_size),
+            "covers": "every attention and MLP projection of these blocks (the first by default: the most sensitive)",
+        }
     if "DynamicQuantizeMatMul" in ops:
         record["prompt_steps"] = {
             "when": "a step of more than one token (prompts); single-token steps use the blocks above",
@@ -253,9 +262,10 @@ def _gptq_levels(
     bits: int,
     block_size: int,
     outliers: dict[str, list[int]],
+    int8_layers: tuple[int, ...],
 ) -> dict[str, BlockLevels]:
-    """Each projection's levels rounded by GPTQ on the inputs it sees over ids, its outlier channels (multiplied in
-    float by the graph) zeroed in the matrix and left out of its Hessian."""
+    """Each projection's levels rounded by GPTQ on the inputs it sees over ids (8 bits in int8_layers' blocks), its
+    outlier channels (multiplied in float by the graph) zeroed in the matrix and left out of its Hessian."""
     levels = {}
     for name, hessian in input_hessians(checkpoint.model, ids):
         matrix = weights[name].copy()  # Conv1D: [in, out]
@@ -263,13 +273,14 @@ def _gptq_levels(
         matrix[channels] = 0.0
         hessian[channels, :] = 0.0
         hessian[:, channels] = 0.0
-        levels[name] = gptq(matrix.T, hessian, bits, block_size)
+        levels[name] = gptq(matrix.T, hessian, projection_bits(name, bits, int8_layers), block_size)
     return levels
 
 
 def _precision_hint(quantize: str, block_size: int, head_bits: int, rounding: str) -> str:
     """What keeps more precision than this variant, in export-gpt2 flags."""
     options = ["--head-bits 8"] if quantize == "int4" and head_bits == 4 else []
+    options += ["more blocks in --int8-layers"] if quantize == "int4" else []
     options += ["a smaller --block-size"] if block_size > min(QUANT_BLOCKS) else []
     options += ["--rounding gptq"] if rounding == "nearest" else []
     options += ["--quantize int8"] if quantize == "int4" else ["fp32 weights (no --quantize)"]
@@ -328,6 +339,7 @@ def check_graph_options(
     block_size: int | None,
     head_bits: int | None = None,
     rounding: str | None = None,
+    int8_layers: Sequence[int] | None = None,
 ) -> None:
     """Raise InvalidInputError for a graph variant that cannot be built (named by its export-gpt2 flags)."""
     if dtype not in DTYPES:
@@ -346,6 +358,10 @@ def check_graph_options(
         raise InvalidInputError("--head-bits sets the lm_head's bits in an int4 graph; add --quantize int4")
     if head_bits is not None and head_bits not in HEAD_BITS:
         raise InvalidInputError(f"unsupported head bits {head_bits!r}; choose {' or '.join(map(str, HEAD_BITS))}")
+    if int8_layers is not None and quantize != "int4":
+        raise InvalidInputError("--int8-layers keeps blocks of an int4 graph at 8 bits; add --quantize int4")
+    if int8_layers is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in int8_layers):
+        raise InvalidInputError(f"--int8-layers takes block indices from 0, got {list(int8_layers)}")
     if rounding is not None and quantize is None:
         raise InvalidInputError("--rounding sets how quantised weights are rounded; add --quantize int8 or int4")
     if rounding is not None and rounding not in ROUNDINGS:
@@ -376,6 +392,7 @@ def export_bundle(
     isolate_outliers: bool = True,
     head_bits: int | None = None,
     rounding: str | None = None,
+    int8_layers: Sequence[int] | None = None,
     tokenizer: str | None = None,
     revision: str | None = None,
     force: bool = False,
@@ -395,9 +412,10 @@ def export_bundle(
     for fused fp32 and int8 graphs, growing otherwise). quantize="int8" or "int4": quantised weights in the fused
     graph (MatMulNBits, int8 activations at run time; fp32 only), one scale per block_size inputs (32 to 256, default
     128 for int8, 32 for int4; larger decodes faster, smaller stays closer to fp32); head_bits (int4 only, default 8):
-    the lm_head's and token embedding's bits. rounding (with quantize): "gptq" (each projection rounded by GPTQ
-    against its inputs' Hessian on export/data/calibration_text.txt, export/rounding.py; int4's default) or "nearest"
-    (int8's default).
+    the lm_head's and token embedding's bits; int8_layers (int4 only, default graph.DEFAULT_INT8_LAYERS, the first):
+    the blocks whose projections stay at 8 bits (in blocks of block_size). rounding (with quantize): "gptq" (each
+    projection rounded by GPTQ against its inputs' Hessian on export/data/calibration_text.txt, export/rounding.py;
+    int4's default) or "nearest" (int8's default).
     fast_prefill (with int8): the blocks a second time as
     int8 matrices for onnxruntime's int8 GEMM, used for steps of several tokens (prompts): faster prompts for more
     memory. Quantised projections multiply their outlier input channels (export/calibrate.py, found on the sample
@@ -407,11 +425,13 @@ def export_bundle(
     place after validation, so a failed or interrupted export leaves no bundle (and no half-written one) at `output`.
     """
     progress = progress or Progress(enabled=False)
-    check_graph_options(dtype, optimize, quantize, fast_prefill, kv_cache, block_size, head_bits, rounding)
+    check_graph_options(dtype, optimize, quantize, fast_prefill, kv_cache, block_size, head_bits, rounding, int8_layers)
     kv_cache = resolve_kv_cache(kv_cache, dtype, optimize)
     block_size = block_size or DEFAULT_BLOCK_SIZES.get(quantize or "int8")
     head_bits = (head_bits or DEFAULT_HEAD_BITS) if quantize == "int4" else QUANT_BITS.get(quantize)
     rounding = rounding or DEFAULT_ROUNDING.get(quantize or "int8")
+    int8_layers = tuple(sorted(set(DEFAULT_INT8_LAYERS if int8_layers is None else int8_layers)))
+    int8_layers = int8_layers if quantize == "int4" else ()
     if model is not None and random_init is not None:
         raise InvalidInputError("give --model or --random-init, not both: --random-init builds its own weights")
     if outliers and random_init is None:
@@ -443,6 +463,11 @@ def export_bundle(
                 else load_pretrained(model, revision, show_downloads=progress.enabled)
             )
         spec = checkpoint.spec
+        if int8_layers and int8_layers[-1] >= spec.n_layer:
+            raise InvalidInputError(
+                f"--int8-layers {int8_layers[-1]} is not a block of this model: it has {spec.n_layer}, "
+                f"0 to {spec.n_layer - 1}"
+            )
         with progress.step("saving the tokenizer"):
             choice, tokenizer_name = _save_tokenizer(choice, model, revision, spec.vocab_size, staging)
         if choice.notice and choice.source is None:
@@ -453,6 +478,8 @@ def export_bundle(
         kind = ("fused" if optimize else "plain") + (
             f", {quantize} weights in blocks of {block_size}, rounded by {rounding}" if quantize else ""
         )
+        if int8_layers:
+            kind += f", block{'s' if len(int8_layers) > 1 else ''} {', '.join(map(str, int8_layers))} at 8 bits"
         kind += (", fast prefill" if fast_prefill else "") + f", {kv_cache} cache"
         tokenizer_file = staging / bundle.TOKENIZER_FILE if tokenizer_name else None
         text_ids = sample_ids(tokenizer_file, spec.vocab_size, seed)
@@ -467,7 +494,7 @@ def export_bundle(
             calibration = calibration_ids(tokenizer_file, spec.vocab_size, seed)
             with progress.step(f"rounding the projections by GPTQ on the calibration text ({len(calibration)} tokens)"):
                 bits = QUANT_BITS[quantize]
-                rounded = _gptq_levels(checkpoint, weights, calibration, bits, block_size, float_channels)
+                rounded = _gptq_levels(checkpoint, weights, calibration, bits, block_size, float_channels, int8_layers)
             rounding_record = _rounding_record(rounding, len(calibration))
         with progress.step(f"building the ONNX graph ({spec.n_layer} layers, {graph_dtype}, {kind})"):
             model_proto = build_graph(
@@ -482,10 +509,13 @@ def export_bundle(
                 block_size=block_size,
                 outliers=float_channels,
                 rounded=rounded,
+                int8_layers=int8_layers,
             )
             optimizations = _contrib_ops(model_proto)
             quantization = (
-                _quantization_record(model_proto, quantize, block_size, head_bits, float_channels, rounding_record)
+                _quantization_record(
+                    model_proto, quantize, block_size, head_bits, float_channels, rounding_record, int8_layers
+                )
                 if quantize
                 else None
             )

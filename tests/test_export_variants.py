@@ -305,6 +305,11 @@ def test_gather_model_is_valid_onnx(axis: int) -> None:
             ["--quantize", "int8", "--head-bits", "4"],
             "--head-bits sets the lm_head's bits in an int4 graph; add --quantize int4",
         ),
+        (["--int8-layers", "0"], "--int8-layers keeps blocks of an int4 graph at 8 bits; add --quantize int4"),
+        (
+            ["--quantize", "int8", "--int8-layers", "none"],
+            "--int8-layers keeps blocks of an int4 graph at 8 bits; add --quantize int4",
+        ),
         (
             ["--quantize", "int4", "--fast-prefill"],
             "--fast-prefill adds int8 prompt kernels to an int8 graph; add --quantize int8",
@@ -337,6 +342,9 @@ def _export_options(flags: list[str]) -> dict[str, Any]:
         options["block_size"] = int(flags[flags.index("--block-size") + 1])
     if "--head-bits" in flags:
         options["head_bits"] = int(flags[flags.index("--head-bits") + 1])
+    if "--int8-layers" in flags:
+        value = flags[flags.index("--int8-layers") + 1]
+        options["int8_layers"] = [] if value == "none" else [int(part) for part in value.split(",")]
     return options
 
 

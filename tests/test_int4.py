@@ -1,19 +1,24 @@
 """int4 weights (export-gpt2 --quantize int4): the packed blocks, their zero points and the embedding's unpacking
-are exact; MatMulNBits over them computes x @ the dequantised weights; the export warns below the int4 floors."""
+are exact; MatMulNBits over them computes x @ the dequantised weights; the blocks named by --int8-layers keep 8
+bits; the export warns below the int4 floors."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from gpt2onnx.cli.export_command import main as export_main
 from gpt2onnx.export import validate
 from gpt2onnx.export.exporter import export_bundle
 from gpt2onnx.export.graph import CONTRIB, OPSET, QuantizedWeight, _Builder, _dequantized_rows
+from gpt2onnx.runtime.errors import InvalidInputError
 
 ROWS, WIDTH, BLOCK = 6, 80, 32  # 80 inputs: 3 blocks of 32 (an odd count, the last zero-padded)
 
@@ -87,9 +92,59 @@ def test_int4_export_warns_below_its_floors_with_a_hint(tmp_path: Path, monkeypa
     with pytest.warns(
         UserWarning,
         match=r"int4 weights fall below the quality floors on the sample text: top-1 "
-        r"agreement .*% < 100%.*; --head-bits 8 or --quantize int8 would keep more precision",
+        r"agreement .*% < 100%.*; --head-bits 8 or more blocks in --int8-layers or --quantize int8 would keep more "
+        r"precision",
     ):
         folder = export_bundle(output=tmp_path / "b", random_init="tiny", quantize="int4", head_bits=4)
     sample_text = json.loads((folder / "bundle.json").read_text())["validation"]["sample_text"]
     assert sample_text["floors"] == {"top1_agreement": 1.0, "kl_divergence": 0.0}
     assert sample_text["kl_divergence"] > 0.0 and sample_text["top1_agreement"] < 1.0
+
+
+def _projection_bits(folder: Path) -> dict[tuple[int, str], int]:
+    """(block, projection) -> the bits of its MatMulNBits node, read off the graph."""
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    found = {}
+    for node in (node for node in graph.node if node.op_type == "MatMulNBits"):
+        weight = re.match(r"transformer\.h\.(\d+)\.(\w+\.c_\w+)\.weight\.int[48]$", node.input[1])
+        if weight:
+            bits = next(attribute.i for attribute in node.attribute if attribute.name == "bits")
+            found[int(weight.group(1)), weight.group(2)] = bits
+    return found
+
+
+@pytest.mark.filterwarnings("ignore:int4 weights fall below the quality floors:UserWarning")
+@pytest.mark.parametrize(("int8_layers", "eight_bit_blocks"), [(None, {0}), ([], set()), ([1, 0], {0, 1})])
+def test_the_blocks_of_int8_layers_keep_8_bits(tmp_path: Path, int8_layers, eight_bit_blocks: set[int]) -> None:
+    """By default the first block's projections stay at 8 bits, the others take 4; none keeps every block at 4."""
+    folder = export_bundle(output=tmp_path / "b", random_init="tiny", quantize="int4", int8_layers=int8_layers)
+    bits = _projection_bits(folder)
+    assert len(bits) == 2 * 4, "every attention and MLP projection of both blocks is a MatMulNBits node"
+    assert bits == {(block, name): 8 if block in eight_bit_blocks else 4 for block, name in bits}
+    record = json.loads((folder / "bundle.json").read_text())["graph"]["quantization"]["int8_layers"]
+    assert record["blocks"] == sorted(eight_bit_blocks)
+
+
+def test_int8_layers_past_the_last_block_are_refused(tmp_path: Path) -> None:
+    message = "--int8-layers 2 is not a block of this model: it has 2, 0 to 1"
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        export_bundle(output=tmp_path / "b", random_init="tiny", quantize="int4", int8_layers=[0, 2])
+    assert not list(tmp_path.iterdir()), "nothing is left behind"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0,x", "argument --int8-layers: '0,x' is not a comma-separated list of block indices or none"),
+        ("-1", "argument --int8-layers: '-1': block indices start at 0"),
+    ],
+)
+def test_the_cli_refuses_bad_int8_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, message: str
+) -> None:
+    argv = ["--random-init", "tiny", "--quantize", "int4", "--int8-layers", value, "--output", str(tmp_path / "b")]
+    with pytest.raises(SystemExit) as exit_:
+        export_main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"export-gpt2: error: {message}")
+    assert not list(tmp_path.iterdir())
