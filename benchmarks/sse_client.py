@@ -62,37 +62,43 @@ class StreamingConnection:
 
     async def _send(self, request: bytes) -> tuple[int, dict[str, str]]:
         """Send the request and read the answer's head. A kept-alive connection that the server has closed in the
-        meantime (llama-server closes them after a stream) answers nothing: the request goes again on a new one,
-        as HTTP clients do, and only a new connection's failure counts as a drop."""
+        meantime (llama-server closes them after a stream) answers nothing at all: then, and only then, the request
+        goes again on a new connection, as HTTP clients do; a new connection's silence counts as a drop."""
         reused = self._writer is not None
         if not reused:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         try:
             self._writer.write(request)
-            return await self._head()
-        except (ConnectionError, Dropped):
-            if not reused:
-                raise
-            await self.close()
-            return await self._send(request)
-
-    async def _head(self) -> tuple[int, dict[str, str]]:
-        status_line = await self._reader.readline()
+            status_line = await self._reader.readline()
+        except ConnectionError:
+            status_line = b""
         if not status_line:
+            await self.close()
+            if reused:
+                return await self._send(request)
             raise Dropped("no answer")
-        status = int(status_line.split()[1])
+        return int(status_line.split()[1]), await self._headers()
+
+    async def _headers(self) -> dict[str, str]:
         headers = {}
-        while (line := await self._reader.readline()) not in (b"\r\n", b"\n", b""):
+        while (line := await self._line()) not in (b"\r\n", b"\n"):
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
-        return status, headers
+        return headers
+
+    async def _line(self) -> bytes:
+        """The next line of the answer's head or chunk framing; Dropped if the connection ends first."""
+        line = await self._reader.readline()
+        if not line:
+            raise Dropped("the connection ended inside the answer")
+        return line
 
     async def _body(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
         reader = self._reader
         if headers.get("transfer-encoding", "").lower() == "chunked":
-            while size := int((await reader.readline()).split(b";")[0], 16):
+            while size := int((await self._line()).split(b";")[0], 16):
                 yield (await reader.readexactly(size + 2))[:-2]
-            while (await reader.readline()) not in (b"\r\n", b"\n"):  # trailers, then the blank line
+            while (await self._line()) not in (b"\r\n", b"\n"):  # trailers, then the blank line
                 pass
         elif "content-length" in headers:
             yield await reader.readexactly(int(headers["content-length"]))

@@ -229,7 +229,7 @@ def _quantization_record(
         record["int8_layers"] = {
             "blocks": list(int8_layers),
             "scheme": _scheme(8, block_size),
-            "covers": "every attention and MLP projection of these blocks (the first by default: the most sensitive)",
+            "covers": "every attention and MLP projection of these blocks",
         }
     if "DynamicQuantizeMatMul" in ops:
         record["prompt_steps"] = {
@@ -465,7 +465,7 @@ def export_bundle(
         spec = checkpoint.spec
         if int8_layers and int8_layers[-1] >= spec.n_layer:
             raise InvalidInputError(
-                f"--int8-layers {int8_layers[-1]} is not a block of this model: it has {spec.n_layer}, "
+                f"--int8-layers {int8_layers[-1]} is not a block of this model: it has {spec.n_layer} blocks, "
                 f"0 to {spec.n_layer - 1}"
             )
         with progress.step("saving the tokenizer"):

@@ -177,7 +177,9 @@ class _Builder:
         or 4 (export/rounding.py gives the grid); the levels given for this name (GPTQ's) if any, else every weight
         rounded to nearest. 4 bits take two values a byte, the first in the low nibble, and two zero points a byte."""
         grid = self.rounded.get(name) or round_to_nearest(matrix, bits, block_size or self.block_size)
-        bits, size = grid.bits, grid.block_size
+        if grid.bits != bits:
+            raise ExportError(f"{name}: its levels were rounded to {grid.bits} bits, and the graph stores {bits}")
+        size = grid.block_size
         if bits == 8:
             return QuantizedWeight(
                 self.weight(name + ".int8", grid.levels), self.weight(name + ".scales", grid.scales), bits, size

@@ -111,11 +111,17 @@ class DecodeBatch:
         cache, mask, pending = generator.hand_over()
         length = mask.shape[1]
         width = max(self._width, length)
-        # Room for every step this generator may take, now: growing the buffers while rows run costs one step a
-        # copy of every row's keys and values (measured, 16 rows of GPT-2 small at 64 -> 128 columns: every stream
-        # stalled 150-190 ms at once). Joining is when a copy is cheapest: it happens between steps anyway.
-        steps_left = generator.final_token_count - generator.token_count
-        self._ensure_columns(generator.final_token_count if self.ragged else width + 1 + steps_left)
+        # Room for every step the rows may take, now: growing the buffers while rows run costs one step a copy of
+        # every row's keys and values (measured, 16 rows of GPT-2 small at 64 -> 128 columns: every stream stalled
+        # 150-190 ms at once). Joining is when a copy is cheapest: it happens between steps anyway. A step writes
+        # the pending token of each row; a row's last chosen token is never written. Ragged: this generator's rows
+        # end at column final_token_count - 2. Aligned: every row writes at the shared width, which this join may
+        # widen, so the room is the width plus the most steps any generator here has left.
+        if self.ragged:
+            self._ensure_columns(generator.final_token_count - 1)
+        else:
+            steps_left = max(g.final_token_count - g.token_count for g in [generator, *self.generators])
+            self._ensure_columns(width + steps_left)
         if width > self._width and not self.ragged:  # the rows already here do not attend the new columns
             self._mask[: len(self._rows), self._width : width] = 0
         start, offset = len(self._rows), 0 if self.ragged else width - length

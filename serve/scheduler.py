@@ -119,7 +119,8 @@ class Scheduler:
         return job
 
     def _room_now(self) -> int:
-        """How many of the waiting requests can start at the next step (they are not queued behind others)."""
+        """How many of the waiting requests fit in the batch now: they wait for their prefill (one per step), not for
+        rows to free."""
         if not self._requests_share_steps and (self.batch.rows or self._starting):
             return 0
         free, count = self.batch.free - self._starting, 0
@@ -172,8 +173,8 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopping and not self._waiting and not self._running:
                     return
+            self._drop_cancelled()  # first: a request whose client left takes no step's prefill turn
             self._admit()
-            self._drop_cancelled()
             if not self.batch.rows:
                 continue
             try:

@@ -108,11 +108,13 @@ def test_a_batch_that_emptied_takes_a_shorter_request(models: dict, layout: str)
 
 @pytest.mark.parametrize("layout", ["ragged", "aligned"])
 def test_the_buffers_grow_when_a_generator_joins_never_during_a_step(models: dict, layout: str) -> None:
-    """A join makes room for every step its generator may take (a copy then costs no running row a step); the
-    steps after it never grow the buffers, however long the rows run."""
+    """A join makes room for every step its rows may take (a copy then costs no running row a step); the steps
+    after it never grow the buffers, however long the rows run. The second request's longer prompt widens an aligned
+    batch before the first one's 30 steps."""
     model = models["preallocated"]
     batch = DecodeBatch(model.session, max_rows=3, ragged=LAYOUTS[layout][1])
-    requests = [([[4, 5, 6]], {"max_new_tokens": 30, "min_new_tokens": 30}), *REQUESTS[:2], REQUESTS[3]]
+    long_run = {"max_new_tokens": 31, "min_new_tokens": 31}
+    requests = [([[4]], long_run), ([[5] * 10], {"max_new_tokens": 2}), *REQUESTS[:2], REQUESTS[3]]
     waiting = [started(model, rows, options) for rows, options in requests]
     generators, capacities = list(waiting), set()
     while waiting or batch.rows:
@@ -122,7 +124,7 @@ def test_the_buffers_grow_when_a_generator_joins_never_during_a_step(models: dic
         capacities.add(capacity)
         batch.step()
         assert batch._store.cache.capacity == capacity, "a step grew the buffers"
-    assert max(capacities) >= 33, "the first request's 33 positions were reserved"
+    assert max(capacities) > 16, "the rows needed more than the first buffers"
     assert [[g.get_sequence(i).tolist() for i in range(g.rows)] for g in generators] == [
         alone(model, rows, options) for rows, options in requests
     ]

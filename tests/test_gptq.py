@@ -18,6 +18,7 @@ from gpt2onnx.export.checkpoint import random_checkpoint
 from gpt2onnx.export.exporter import export_bundle
 from gpt2onnx.export.graph import _Builder
 from gpt2onnx.export.rounding import BlockLevels, gptq, round_to_nearest
+from gpt2onnx.runtime.errors import ExportError
 from gpt2onnx.runtime.tokenizer import GPT2_TOKENIZER
 
 ROWS, WIDTH = 48, 96
@@ -80,6 +81,13 @@ def test_the_graph_stores_the_levels_given_and_rounds_the_rest_to_nearest(matrix
     np.testing.assert_array_equal(levels("given"), rounded.levels)
     np.testing.assert_array_equal(levels("plain"), round_to_nearest(matrix, 4, 64).levels)
     assert stored_weights["plain"].block_size == 64
+
+
+def test_the_graph_refuses_levels_of_other_bits_than_the_projection_takes(matrix: np.ndarray) -> None:
+    x = _inputs(1, 500)
+    b = _Builder("float32", bits=4, block_size=32, rounded={"given": gptq(matrix, x.T @ x, 8, 32)})
+    with pytest.raises(ExportError, match="given: its levels were rounded to 8 bits, and the graph stores 4"):
+        b.quantized("given", matrix, 4)
 
 
 def test_input_hessians_cover_every_projection_in_passes() -> None:

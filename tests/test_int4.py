@@ -114,10 +114,17 @@ def _projection_bits(folder: Path) -> dict[tuple[int, str], int]:
 
 
 @pytest.mark.filterwarnings("ignore:int4 weights fall below the quality floors:UserWarning")
-@pytest.mark.parametrize(("int8_layers", "eight_bit_blocks"), [(None, {0}), ([], set()), ([1, 0], {0, 1})])
-def test_the_blocks_of_int8_layers_keep_8_bits(tmp_path: Path, int8_layers, eight_bit_blocks: set[int]) -> None:
-    """By default the first block's projections stay at 8 bits, the others take 4; none keeps every block at 4."""
-    folder = export_bundle(output=tmp_path / "b", random_init="tiny", quantize="int4", int8_layers=int8_layers)
+@pytest.mark.parametrize(
+    ("int8_layers", "eight_bit_blocks", "rounding"),
+    [(None, {0}, "gptq"), ([], set(), "gptq"), ([1, 0], {0, 1}, "gptq"), (None, {0}, "nearest")],
+)
+def test_the_blocks_of_int8_layers_keep_8_bits(
+    tmp_path: Path, int8_layers, eight_bit_blocks: set[int], rounding: str
+) -> None:
+    """By default the first block's projections stay at 8 bits, the others take 4; none keeps every block at 4;
+    rounded by GPTQ (int4's default) or to nearest."""
+    options = {"quantize": "int4", "int8_layers": int8_layers, "rounding": rounding}
+    folder = export_bundle(output=tmp_path / "b", random_init="tiny", **options)
     bits = _projection_bits(folder)
     assert len(bits) == 2 * 4, "every attention and MLP projection of both blocks is a MatMulNBits node"
     assert bits == {(block, name): 8 if block in eight_bit_blocks else 4 for block, name in bits}
@@ -126,7 +133,7 @@ def test_the_blocks_of_int8_layers_keep_8_bits(tmp_path: Path, int8_layers, eigh
 
 
 def test_int8_layers_past_the_last_block_are_refused(tmp_path: Path) -> None:
-    message = "--int8-layers 2 is not a block of this model: it has 2, 0 to 1"
+    message = "--int8-layers 2 is not a block of this model: it has 2 blocks, 0 to 1"
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         export_bundle(output=tmp_path / "b", random_init="tiny", quantize="int4", int8_layers=[0, 2])
     assert not list(tmp_path.iterdir()), "nothing is left behind"
