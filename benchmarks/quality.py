@@ -96,12 +96,7 @@ VARIANTS = (
     Variant(_RUN_SYSTEMS["gpt2onnx-int4"], 4),
     Variant(_RUN_SYSTEMS["gpt2onnx-int4-all4"], 4),
     Variant(_RUN_SYSTEMS["gpt2onnx-int4-head4"], 4),
-    Variant(
-        _quality_only(
-            "gpt2onnx-int4-block128", "gpt2-onnx int4, blocks of 128", ["--quantize", "int4", "--block-size", "128"]
-        ),
-        4,
-    ),
+    Variant(_RUN_SYSTEMS["gpt2onnx-int4-block32"], 4),
     Variant(_RUN_SYSTEMS["genai-int8"], 8),
     Variant(_RUN_SYSTEMS["genai-int4"], 4),
     Variant(_RUN_SYSTEMS["llamacpp-f16"], None),
@@ -158,14 +153,15 @@ def compare(logits: np.ndarray, reference: np.ndarray, targets: np.ndarray) -> d
 
 
 def updated_rows(previous: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of a previous page with these in place of theirs, in VARIANTS' order (quality.py --update)."""
+    """The rows of a previous page with these in place of theirs, in VARIANTS' order (quality.py --update); rows
+    of variants no longer measured are dropped."""
     if not previous.is_file():
         raise SystemExit(f"--update needs an earlier page's {previous}; run quality.py without it first")
     page = json.loads(previous.read_text("utf-8"))
     merged = {row["key"]: {"measured_at": page["meta"]["date"], **row} for row in page["rows"]}
     merged.update((row["key"], row) for row in rows)
     order = [variant.system.key for variant in VARIANTS]
-    return sorted(merged.values(), key=lambda row: order.index(row["key"]))
+    return sorted((row for row in merged.values() if row["key"] in order), key=lambda row: order.index(row["key"]))
 
 
 def floors_cell(bits: int | None, figures: dict[str, float]) -> str:

@@ -411,6 +411,11 @@ SYSTEMS = (
         lambda ws: gpt2onnx_ready(ws, "int4-all4", ["--quantize", "int4", "--int8-layers", "none"]),
     ),
     System(
+        "gpt2onnx-int4-block32",
+        "gpt2-onnx int4, blocks of 32",
+        lambda ws: gpt2onnx_ready(ws, "int4-block32", ["--quantize", "int4", "--block-size", "32"]),
+    ),
+    System(
         "gpt2onnx-int4-head4",
         "gpt2-onnx int4, 4-bit lm_head",
         lambda ws: gpt2onnx_ready(ws, "int4-head4", ["--quantize", "int4", "--head-bits", "4"]),

@@ -98,8 +98,8 @@ def test_manifest_records_graph_choices(bundles: dict[str, Path]) -> None:
     assert graphs["int8-block256"]["quantization"]["scheme"].startswith("int8, symmetric blocks of 256 inputs")
     assert quantization["head"] == {"bits": 8, "block_size": 128, "scheme": quantization["scheme"]}
     int4, int4_head4 = graphs["int4"]["quantization"], graphs["int4-head4"]["quantization"]
-    assert (int4["weights"], int4["block_size"], int4["projections"]) == ("int4", 32, 2 * 4 + 1)
-    assert int4["scheme"].startswith("int4, asymmetric blocks of 32 inputs per output, one float32 scale and one")
+    assert (int4["weights"], int4["block_size"], int4["projections"]) == ("int4", 128, 2 * 4 + 1)
+    assert int4["scheme"].startswith("int4, asymmetric blocks of 128 inputs per output, one float32 scale and one")
     assert (int4["head"]["bits"], int4["head"]["block_size"]) == (8, 128)  # the defaults: an int8 lm_head
     assert (int4_head4["head"]["bits"], int4_head4["head"]["block_size"]) == (4, 64)
     fast = graphs["int8-fast-prefill"]["quantization"]

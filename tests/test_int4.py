@@ -92,8 +92,8 @@ def test_int4_export_warns_below_its_floors_with_a_hint(tmp_path: Path, monkeypa
     with pytest.warns(
         UserWarning,
         match=r"int4 weights fall below the quality floors on the sample text: top-1 "
-        r"agreement .*% < 100%.*; --head-bits 8 or more blocks in --int8-layers or --quantize int8 would keep more "
-        r"precision",
+        r"agreement .*% < 100%.*; --head-bits 8 or more blocks in --int8-layers or a smaller --block-size or "
+        r"--quantize int8 would keep more precision",
     ):
         folder = export_bundle(output=tmp_path / "b", random_init="tiny", quantize="int4", head_bits=4)
     sample_text = json.loads((folder / "bundle.json").read_text())["validation"]["sample_text"]
