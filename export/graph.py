@@ -45,10 +45,13 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "si
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 CONTRIB = "com.microsoft"
-QUANT_BLOCK = 128  # int8 weights: by default one scale per QUANT_BLOCK inputs of each output
+# int8 weights: by default one scale per QUANT_BLOCK inputs of each output. On the stress checkpoint blocks of 32
+# meet int8's floors (top-1 97.2% against 96.7% at 128, KL 0.0019 against 0.0028) but decode at 1.25x the time
+# (Intel Xeon, `benchmarks/run.py --outliers --rounds 3`: 6.3 against 5.0 ms/token).
+QUANT_BLOCK = 128
 # int4's default. With block 0 at 8 bits (DEFAULT_INT8_LAYERS) blocks of 128 meet the int4 floors on the stress
-# checkpoint (top-1 91.6%, KL 0.010; blocks of 32: 94.5%, 0.0068) and decode at 0.68x int8's time against 0.88x
-# (Intel Xeon, `benchmarks/run.py --outliers --rounds 3`: 3.8 and 4.9 against 5.6 ms/token); with every block at 4
+# checkpoint (top-1 91.6%, KL 0.010; blocks of 32: 94.5%, 0.0068) and decode at 0.68x int8's time against 0.85x
+# (Intel Xeon, `benchmarks/run.py --outliers --rounds 3`: 3.4 and 4.3 against 5.0 ms/token); with every block at 4
 # bits only blocks of 32 came near them. benchmarks/quality_results.md has each variant's figures.
 QUANT_BLOCK_INT4 = 128
 QUANT_BITS = {"int8": 8, "int4": 4}  # export-gpt2 --quantize: the projections' bits

@@ -5,6 +5,7 @@ No timing thresholds: the numbers depend on the machine; this only keeps benchma
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import math
 import subprocess
@@ -13,6 +14,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MEASURED = ("transformers", "gpt2onnx-fp32", "gpt2onnx-int8", "gpt2onnx-int8-fast-prefill")
+
+
+def test_no_benchmark_script_shadows_an_installed_module() -> None:
+    """The workers run with benchmarks/ first on sys.path, so a script named like a package that a measured library
+    imports would replace it (benchmarks/kernels.py once broke transformers, which imports the `kernels` package)."""
+    folder = (REPO / "benchmarks").resolve()
+    elsewhere = [entry for entry in sys.path if entry and Path(entry).resolve() not in (folder, REPO)]
+    scripts = sorted(path.stem for path in folder.glob("*.py"))
+    shadowing = [name for name in scripts if importlib.machinery.PathFinder.find_spec(name, elsewhere) is not None]
+    assert len(scripts) > 10 and not shadowing
 
 
 def test_smoke_benchmark_writes_a_table(tmp_path: Path) -> None:
